@@ -1,0 +1,116 @@
+"""What can be scored: a small vocabulary of component types, mapped to hook names in one place.
+
+=============  ==============================  ===================  ===============================
+component      hook (per layer)                activation shape     score axes
+=============  ==============================  ===================  ===============================
+resid_pre      blocks.{l}.hook_resid_pre       [batch, pos, d]      (layer, position)
+resid_mid      blocks.{l}.hook_resid_mid       [batch, pos, d]      (layer, position)
+resid_post     blocks.{l}.hook_resid_post      [batch, pos, d]      (layer, position)
+attn_out       blocks.{l}.hook_attn_out        [batch, pos, d]      (layer, position)
+mlp_out        blocks.{l}.hook_mlp_out         [batch, pos, d]      (layer, position)
+head           blocks.{l}.attn.hook_z          [batch, pos, h, dh]  (layer, head, position)
+neuron         blocks.{l}.mlp.hook_post        [batch, pos, d_mlp]  (layer, position, neuron)
+=============  ==============================  ===================  ===============================
+
+A *cell* is one entry of the score tensor of one layer: a position (block components), a
+(head, position) pair, or a (position, neuron) pair. Patching a cell replaces that slice of the
+activation in every prompt of the batch at once.
+
+``head`` uses the per-query-head attention output ``z`` (the input of the output projection), so with
+grouped-query attention each of the ``n_heads`` query heads is its own component even though key and
+value heads are shared. ``neuron`` uses the MLP hidden units that enter the output projection
+(``act(gate) * up`` for gated MLPs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component type: where it is hooked and how its activations map to score cells."""
+
+    name: str
+    hook_template: str
+    axes: tuple[str, ...]  # axes of the score tensor, the first is always "layer"
+    description: str
+
+    def hook_name(self, layer: int) -> str:
+        return self.hook_template.format(layer=layer)
+
+    def cell_scores(self, values: torch.Tensor) -> torch.Tensor:
+        """Reduce per-element contributions [batch, pos, ...] of one layer to cells, summed over batch.
+
+        Block components and heads sum over the hidden dimension; neurons are single units.
+        Returns [pos] for block components, [head, pos] for heads, [pos, neuron] for neurons.
+        """
+        if self.name == "head":
+            return values.sum(dim=(0, 3)).transpose(0, 1)
+        if self.name == "neuron":
+            return values.sum(dim=0)
+        return values.sum(dim=(0, 2))
+
+    def cell_shape(self, activation: torch.Tensor) -> tuple[int, ...]:
+        """Shape of one layer's score tensor for an activation [batch, pos, ...]."""
+        if self.name == "head":
+            return (activation.shape[2], activation.shape[1])
+        if self.name == "neuron":
+            return (activation.shape[1], activation.shape[2])
+        return (activation.shape[1],)
+
+    def cell_index(self, cell: tuple[int, ...]) -> tuple:
+        """Index into an activation [batch, pos, ...] that selects one cell (for every prompt)."""
+        if self.name == "head":
+            head, position = cell
+            return (slice(None), position, head)
+        if self.name == "neuron":
+            position, neuron = cell
+            return (slice(None), position, neuron)
+        (position,) = cell
+        return (slice(None), position)
+
+
+_BLOCK_AXES = ("layer", "position")
+
+COMPONENTS: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component("resid_pre", "blocks.{layer}.hook_resid_pre", _BLOCK_AXES, "residual stream before the block"),
+        Component("resid_mid", "blocks.{layer}.hook_resid_mid", _BLOCK_AXES, "residual stream between attention and MLP"),
+        Component("resid_post", "blocks.{layer}.hook_resid_post", _BLOCK_AXES, "residual stream after the block"),
+        Component("attn_out", "blocks.{layer}.hook_attn_out", _BLOCK_AXES, "attention output (all heads)"),
+        Component("mlp_out", "blocks.{layer}.hook_mlp_out", _BLOCK_AXES, "MLP output"),
+        Component("head", "blocks.{layer}.attn.hook_z", ("layer", "head", "position"), "one attention head's output z"),
+        Component("neuron", "blocks.{layer}.mlp.hook_post", ("layer", "position", "neuron"), "one MLP hidden unit"),
+    )
+}
+
+BLOCK_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
+
+
+def resolve_components(components: str | Iterable[str]) -> list[Component]:
+    """Component objects for names; a clear error for an unknown name or an empty selection."""
+    names: Sequence[str] = [components] if isinstance(components, str) else list(components)
+    if not names:
+        raise ValueError(f"no components given; expected some of {sorted(COMPONENTS)}")
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown component(s) {unknown}; expected names from {sorted(COMPONENTS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"components given twice: {list(names)}")
+    return [COMPONENTS[n] for n in names]
+
+
+def resolve_layers(model, layers: Iterable[int] | None) -> list[int]:
+    n_layers = model.cfg.n_layers
+    if layers is None:
+        return list(range(n_layers))
+    chosen = [int(layer) for layer in layers]
+    bad = [layer for layer in chosen if not 0 <= layer < n_layers]
+    if bad or not chosen:
+        raise ValueError(f"layers {chosen} out of range; the model has layers 0..{n_layers - 1}")
+    return chosen

@@ -1,0 +1,351 @@
+"""LRP rules as forward-time hooks: forward values unchanged, gradients follow Layer-wise Relevance Propagation.
+
+Every rule here is a TransformerLens forward hook that returns a tensor with *the same value* as the one
+it receives (bit for bit: ``y.detach() + (p - p.detach())`` adds an exact zero) but a different autograd
+path ``p``. Under the rules, the gradient of a metric is the LRP propagation coefficient, and
+gradient x (clean - corrupted) is relevance patching.
+
+=========  =====================================  ===========================================================
+rule       acts on                                backward effect
+=========  =====================================  ===========================================================
+ln         every LayerNorm / RMSNorm              the normalising scale 1/std (1/rms) is a constant: no gradient
+                                                  through it; mean-centring (LayerNorm) stays
+identity   the MLP activation (GELU, SiLU, ...)   d act(x)/dx is replaced by act(x)/x (at x == 0 exactly, the
+                                                  plain derivative act'(0) is kept, which is the limit of
+                                                  act(x)/x for GELU and SiLU: never NaN)
+half       the gate product act(g) * u            each factor receives half of the gradient (uniform rule, N=2);
+                                                  only gated MLPs have this product
+ah         the attention pattern                  the pattern is a constant: relevance flows through V only
+attnlrp    queries, keys and values               AttnLRP: gradients reaching q and k are scaled by 1/4, v by 1/2
+=========  =====================================  ===========================================================
+
+Presets (``PRESETS``) name rule sets; ``"relp"`` is the paper's (ln + identity + half).
+``lrp_rules(model, "relp")`` registers the hooks for the duration of a ``with`` block, after checking
+on the actual model that every rule is live (changes the gradient where it should and leaves the forward
+values alone); hooks are removed on exit, also when an exception is raised.
+
+>>> from relp.testing import tiny_model
+>>> model = tiny_model("llama")
+>>> with lrp_rules(model, "relp") as rules:
+...     rules.active
+('ln', 'identity', 'half')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+Hook = tuple[str, Callable]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One LRP rule: its name, the sub-computation it acts on, and what it changes in the backward pass."""
+
+    name: str
+    site: str  # "norm", "mlp" or "attention": which hook builder implements it
+    backward_effect: str
+
+
+RULES: dict[str, Rule] = {
+    r.name: r
+    for r in (
+        Rule("ln", "norm", "no gradient through the normalising scale of LayerNorm/RMSNorm"),
+        Rule("identity", "mlp", "activation derivative replaced by act(x)/x"),
+        Rule("half", "mlp", "each factor of the gate product act(g)*u gets half of the gradient"),
+        Rule("ah", "attention", "attention pattern treated as a constant"),
+        Rule("attnlrp", "attention", "gradient to q and k scaled by 1/4, to v by 1/2"),
+    )
+}
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "relp": ("ln", "identity", "half"),  # the paper's rule set, the default
+    "relp+ah": ("ln", "identity", "half", "ah"),
+    "attnlrp": ("ln", "identity", "half", "attnlrp"),
+    "ln": ("ln",),
+    "gradient": (),  # no rule: plain gradients, i.e. attribution patching
+}
+DEFAULT_PRESET = "relp"
+
+
+class RuleNotLiveError(RuntimeError):
+    """A requested rule does not change the gradient on this model (its hooks are ignored)."""
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules resolved for one model: those that act, and those that do not apply to it."""
+
+    requested: tuple[str, ...]
+    active: tuple[str, ...]
+    not_applicable: dict[str, str] = field(default_factory=dict)  # rule -> why
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.active) if self.active else "gradient"
+
+
+def resolve_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET) -> RuleSet:
+    """Resolve a preset name or an iterable of rule names against a model.
+
+    The Half-rule does not apply to models without a gated MLP (GPT-2, BERT); it is then recorded in
+    ``not_applicable`` instead of being an error, so the paper's preset works on every architecture.
+    """
+    if rules is None:
+        names: tuple[str, ...] = ()
+    elif isinstance(rules, str):
+        if rules in PRESETS:
+            names = PRESETS[rules]
+        elif rules in RULES:
+            names = (rules,)
+        else:
+            raise ValueError(
+                f"unknown rule preset {rules!r}; expected a preset from {sorted(PRESETS)} or rule names "
+                f"from {sorted(RULES)}"
+            )
+    else:
+        names = tuple(rules)
+        unknown = [n for n in names if n not in RULES]
+        if unknown:
+            raise ValueError(f"unknown rule(s) {unknown}; expected names from {sorted(RULES)}")
+    if "ah" in names and "attnlrp" in names:
+        raise ValueError("rules 'ah' and 'attnlrp' both act on attention; choose one of them")
+    not_applicable = {}
+    if "half" in names and not model.cfg.gated_mlp:
+        not_applicable["half"] = "the model has no gated MLP (no act(g) * u product)"
+    active = tuple(dict.fromkeys(n for n in names if n not in not_applicable))
+    return RuleSet(requested=tuple(names), active=active, not_applicable=not_applicable)
+
+
+def _keep_value(value: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """`value` in the forward pass, `path`'s gradient in the backward pass (adds an exact zero)."""
+    return value.detach() + (path - path.detach())
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the incoming gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Hook builders, one per site. Each returns (hook name, hook function) pairs for a model.
+
+
+def _norm_hooks(model, active: frozenset[str]) -> list[Hook]:
+    """LN-rule: rebuild each norm's output with the scale detached (value kept exactly)."""
+    if "ln" not in active:
+        return []
+    hooks: list[Hook] = []
+    prefixes = [n[: -len(".hook_normalized")] for n in model.hook_dict if n.endswith(".hook_normalized")]
+    for prefix in prefixes:
+        module = model.get_submodule(prefix)
+        inputs: dict[str, torch.Tensor] = {}
+
+        def capture(x, hook, inputs=inputs):
+            inputs["x"] = x
+            return x
+
+        def rewrite(y, hook, module=module, inputs=inputs):
+            x = inputs.pop("x")
+            centred = x if module.uses_rms_norm else x - x.mean(-1, keepdim=True)
+            eps = _norm_eps(module, model)
+            inv_scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
+            weight = module.weight.detach()
+            if module.uses_weight_offset:
+                weight = 1.0 + weight
+            return _keep_value(y, centred * inv_scale * weight.to(centred.dtype))
+
+        hooks += [(f"{prefix}.hook_in", capture), (f"{prefix}.hook_out", rewrite)]
+    return hooks
+
+
+def _norm_eps(module, model) -> float:
+    component = module.original_component
+    for attribute in ("eps", "variance_epsilon"):
+        value = getattr(component, attribute, None)
+        if value is not None:
+            return float(value)
+    return float(model.cfg.eps)
+
+
+def _activation_fn(model, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    mlp = model.blocks[layer].mlp
+    act = getattr(mlp.original_component, "act_fn", None)
+    if act is not None:
+        return act
+    from transformer_lens.model_bridge.generalized_components.gated_mlp import resolve_activation_fn
+
+    return resolve_activation_fn(mlp.config)
+
+
+def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
+    """Identity- and Half-rule: rebuild the MLP hidden units (hook_post) from the captured inputs."""
+    identity, half = "identity" in active, "half" in active
+    if not (identity or half):
+        return []
+    gated = bool(model.cfg.gated_mlp)
+    hooks: list[Hook] = []
+    for layer in range(model.cfg.n_layers):
+        prefix = f"blocks.{layer}.mlp"
+        captured: dict[str, torch.Tensor] = {}
+        act = _activation_fn(model, layer) if gated else None
+
+        def capture(name, captured=captured):
+            def hook(x, hook, name=name):
+                captured[name] = x
+                return x
+
+            return hook
+
+        def rewrite(post, hook, captured=captured, act=act):
+            pre = captured.pop("pre")
+            if gated:
+                up = captured.pop("up")
+                activated = act(pre)  # recomputed only for the gradient path; the value is HF's
+            else:
+                up, activated = None, post
+            if identity:
+                zero = pre == 0
+                ratio = activated.detach() / torch.where(zero, torch.ones_like(pre), pre).detach()
+                # At an exact zero, act(x)/x is undefined: keep the local derivative there.
+                plain = act(pre) if gated else post
+                activation_path = torch.where(zero, plain, ratio * pre)
+            else:
+                activation_path = activated
+            if not gated:
+                return _keep_value(post, activation_path)
+            share = 0.5 if half else 1.0
+            path = share * activation_path * up.detach() + share * activated.detach() * up
+            return _keep_value(post, path)
+
+        hooks.append((f"{prefix}.hook_pre", capture("pre")))
+        if gated:
+            hooks.append((f"{prefix}.hook_pre_linear", capture("up")))
+        hooks.append((f"{prefix}.hook_post", rewrite))
+    return hooks
+
+
+def _attention_hooks(model, active: frozenset[str]) -> list[Hook]:
+    """AH-rule (pattern constant) or AttnLRP (q, k gradients x1/4, v x1/2)."""
+    hooks: list[Hook] = []
+    for layer in range(model.cfg.n_layers):
+        prefix = f"blocks.{layer}.attn"
+        if "ah" in active:
+            hooks.append((f"{prefix}.hook_pattern", lambda x, hook: x.detach()))
+        if "attnlrp" in active:
+            for name, factor in (("q", 0.25), ("k", 0.25), ("v", 0.5)):
+                hooks.append((f"{prefix}.hook_{name}", lambda x, hook, f=factor: _ScaleGrad.apply(x, f)))
+    return hooks
+
+
+SITE_BUILDERS = {"norm": _norm_hooks, "mlp": _mlp_hooks, "attention": _attention_hooks}
+
+
+def rule_hooks(model, rules: RuleSet | Iterable[str]) -> list[Hook]:
+    """All (hook name, function) pairs that implement the given rules on this model."""
+    active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
+    hooks = [hook for builder in SITE_BUILDERS.values() for hook in builder(model, active)]
+    missing = sorted({name for name, _ in hooks if name not in model.hook_dict})
+    if missing:
+        raise RuleNotLiveError(f"rules {sorted(active)} need hook points this model lacks: {missing[:5]}")
+    return hooks
+
+
+# ----------------------------------------------------------------------------------------------
+# Liveness: each rule must change the gradient and leave the forward values alone.
+
+_LIVENESS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBE_LENGTH = 8
+
+
+def _probe(model, hooks: list[Hook], tokens: torch.Tensor, direction: torch.Tensor):
+    store: dict[str, torch.Tensor] = {}
+
+    def capture(x, hook):
+        x = x.detach().requires_grad_(True)
+        store["x"] = x
+        return x
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", capture), *hooks]):
+        logits = model(tokens)
+        target = (logits[0, -1].float() * direction).sum()
+        (grad,) = torch.autograd.grad(target, store["x"])
+    return logits.detach(), grad
+
+
+def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
+    """Raise RuleNotLiveError unless each active rule changes the gradient and keeps the forward values.
+
+    Runs one forward and backward pass per rule on a short random prompt (results cached per model).
+    The gradient is compared at positions after the first, since some models carry huge residual values
+    at the first token that can hide everything else.
+    """
+    cache = _LIVENESS_CACHE.setdefault(model, set())
+    todo = [r for r in rules.active if force or r not in cache]
+    if not todo:
+        return
+    generator = torch.Generator().manual_seed(0)
+    d_vocab = model.cfg.d_vocab
+    tokens = torch.randint(min(10, d_vocab - 1), d_vocab, (1, _PROBE_LENGTH), generator=generator)
+    bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
+    if bos is not None:
+        tokens[0, 0] = bos
+    tokens = tokens.to(model.cfg.device)
+    direction = torch.randn(model.cfg.d_vocab_out, generator=generator).to(model.cfg.device)
+    logits0, grad0 = _probe(model, [], tokens, direction)
+    grad0 = grad0[:, 1:]
+    for rule in todo:
+        hooks = rule_hooks(model, [rule])
+        # Attention rules act through several hook points (q, k, v); each must be live on its own,
+        # since an architecture may honour edits of v but ignore those of q and k.
+        parts: dict[str, list[Hook]] = {}
+        for hook in hooks:
+            part = hook[0].rsplit(".", 1)[-1] if RULES[rule].site == "attention" else "all"
+            parts.setdefault(part, []).append(hook)
+        for part, part_hooks in parts.items():
+            logits, grad = _probe(model, part_hooks, tokens, direction)
+            grad = grad[:, 1:]
+            drift = (logits - logits0).abs().max().item()
+            if drift > 1e-5 * max(1.0, logits0.abs().max().item()):
+                raise RuleNotLiveError(
+                    f"rule {rule!r} changed the forward pass of {model.cfg.model_name} (max logit change "
+                    f"{drift:.3g}); rules must change only the gradient"
+                )
+            change = (grad - grad0).abs().max().item()
+            if not change > 1e-5 * grad0.abs().max().item():
+                where = "" if part == "all" else f" at {part}"
+                raise RuleNotLiveError(
+                    f"rule {rule!r} ({RULES[rule].backward_effect}) does not change the gradient{where} on "
+                    f"{model.cfg.model_name} ({model.cfg.architecture}): its hooks are ignored by this "
+                    f"architecture (max gradient change {change:.3g}). Drop it from the rule set"
+                    + (" (BERT-style attention is delegated to Hugging Face)" if RULES[rule].site == "attention" else "")
+                )
+        cache.add(rule)
+
+
+@contextlib.contextmanager
+def lrp_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET, *, check: bool = True) -> Iterator[RuleSet]:
+    """Context manager: register the hooks of a rule set (a preset name or rule names) on `model`.
+
+    Inside the block every forward pass computes the same values as without the rules, and every
+    backward pass follows the rules. Yields the resolved RuleSet. Hooks are removed on exit, also when
+    an exception is raised inside the block.
+    """
+    rule_set = resolve_rules(model, rules)
+    if check:
+        check_rules_live(model, rule_set)
+    with model.hooks(fwd_hooks=rule_hooks(model, rule_set)):
+        yield rule_set
