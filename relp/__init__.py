@@ -1,6 +1,36 @@
-"""relp: relevance patching, attribution patching and activation patching for circuit discovery."""
+"""relp: relevance patching, attribution patching and activation patching for circuit discovery.
 
+>>> import relp
+>>> model = relp.load_model()                     # the embedded SmolLM2-135M-Instruct, offline
+>>> metric = relp.LogitDiff(answer, wrong)        # any callable logits -> scalar
+>>> ap = relp.activation_patching(model, clean, corrupted, metric)
+>>> rp = relp.relevance_patching(model, clean, corrupted, metric)
+>>> relp.agreement(rp, ap)
+"""
+
+from relp.components import BLOCK_COMPONENTS, COMPONENTS
+from relp.metrics import KLToClean, LogitDiff, NormalizedLogitDiff, ProbDiff, agreement
 from relp.models import to_tokens
+from relp.patching import activation_patching, attribution_patching, relevance_patching
+from relp.results import PatchingResult
+from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
 
-__all__ = ["to_tokens"]
+__all__ = [
+    "BLOCK_COMPONENTS",
+    "COMPONENTS",
+    "KLToClean",
+    "LogitDiff",
+    "NormalizedLogitDiff",
+    "PRESETS",
+    "PatchingResult",
+    "ProbDiff",
+    "RULES",
+    "RuleNotLiveError",
+    "activation_patching",
+    "agreement",
+    "attribution_patching",
+    "lrp_rules",
+    "relevance_patching",
+    "to_tokens",
+]
 __version__ = "0.1.0"

@@ -4,13 +4,20 @@
 component      hook (per layer)                activation shape     score axes
 =============  ==============================  ===================  ===============================
 resid_pre      blocks.{l}.hook_resid_pre       [batch, pos, d]      (layer, position)
-resid_mid      blocks.{l}.hook_resid_mid       [batch, pos, d]      (layer, position)
+resid_mid      resid_pre + attn_out (see below)  [batch, pos, d]      (layer, position)
 resid_post     blocks.{l}.hook_resid_post      [batch, pos, d]      (layer, position)
 attn_out       blocks.{l}.hook_attn_out        [batch, pos, d]      (layer, position)
 mlp_out        blocks.{l}.hook_mlp_out         [batch, pos, d]      (layer, position)
 head           blocks.{l}.attn.hook_z          [batch, pos, h, dh]  (layer, head, position)
 neuron         blocks.{l}.mlp.hook_post        [batch, pos, d_mlp]  (layer, position, neuron)
 =============  ==============================  ===================  ===============================
+
+``resid_mid`` is not hooked at ``blocks.{l}.hook_resid_mid``: in TransformerLens 4.x that name is an alias
+of the second norm's input, so an edit there reaches the MLP but not the residual connection around it
+(patching it would silently be "patch the MLP input"). relp defines resid_mid as resid_pre + attn_out,
+patches it through hook_attn_out (attn_out := target - resid_pre) and takes its gradient there, which
+is exact for sequential blocks; it is refused for parallel attention/MLP blocks and checked on the run
+(resid_pre + attn_out must equal the stream entering the second norm).
 
 A *cell* is one entry of the score tensor of one layer: a position (block components), a
 (head, position) pair, or a (position, neuron) pair. Patching a cell replaces that slice of the
@@ -35,12 +42,16 @@ class Component:
     """One component type: where it is hooked and how its activations map to score cells."""
 
     name: str
-    hook_template: str
+    hook_template: str  # where the activation is patched and its gradient taken
     axes: tuple[str, ...]  # axes of the score tensor, the first is always "layer"
     description: str
+    offset_template: str | None = None  # activation = hooked tensor + this one (resid_mid only)
 
     def hook_name(self, layer: int) -> str:
         return self.hook_template.format(layer=layer)
+
+    def offset_name(self, layer: int) -> str | None:
+        return self.offset_template.format(layer=layer) if self.offset_template else None
 
     def cell_scores(self, values: torch.Tensor) -> torch.Tensor:
         """Reduce per-element contributions [batch, pos, ...] of one layer to cells, summed over batch.
@@ -80,7 +91,10 @@ COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
         Component("resid_pre", "blocks.{layer}.hook_resid_pre", _BLOCK_AXES, "residual stream before the block"),
-        Component("resid_mid", "blocks.{layer}.hook_resid_mid", _BLOCK_AXES, "residual stream between attention and MLP"),
+        Component(
+            "resid_mid", "blocks.{layer}.hook_attn_out", _BLOCK_AXES, "residual stream between attention and MLP",
+            offset_template="blocks.{layer}.hook_resid_pre",
+        ),
         Component("resid_post", "blocks.{layer}.hook_resid_post", _BLOCK_AXES, "residual stream after the block"),
         Component("attn_out", "blocks.{layer}.hook_attn_out", _BLOCK_AXES, "attention output (all heads)"),
         Component("mlp_out", "blocks.{layer}.hook_mlp_out", _BLOCK_AXES, "MLP output"),
@@ -92,8 +106,9 @@ COMPONENTS: dict[str, Component] = {
 BLOCK_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
 
 
-def resolve_components(components: str | Iterable[str]) -> list[Component]:
-    """Component objects for names; a clear error for an unknown name or an empty selection."""
+def resolve_components(components: str | Iterable[str], model=None) -> list[Component]:
+    """Component objects for names; a clear error for an unknown name, an empty selection, or a
+    component the model does not have."""
     names: Sequence[str] = [components] if isinstance(components, str) else list(components)
     if not names:
         raise ValueError(f"no components given; expected some of {sorted(COMPONENTS)}")
@@ -102,6 +117,11 @@ def resolve_components(components: str | Iterable[str]) -> list[Component]:
         raise ValueError(f"unknown component(s) {unknown}; expected names from {sorted(COMPONENTS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"components given twice: {list(names)}")
+    if model is not None and "resid_mid" in names and getattr(model.cfg, "parallel_attn_mlp", False):
+        raise ValueError(
+            f"{model.cfg.model_name} runs attention and MLP in parallel: there is no resid_mid; "
+            "use resid_pre, attn_out or mlp_out"
+        )
     return [COMPONENTS[n] for n in names]
 
 

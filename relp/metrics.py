@@ -1,0 +1,198 @@
+"""Metrics (callables from logits to a scalar) and agreement between score maps.
+
+A metric is any callable ``metric(logits) -> scalar tensor`` for logits [batch, pos, vocab]; the
+classes here also carry a ``name`` that results record. Metrics average over the batch, so a patching
+score is the change of the batch-mean metric when a cell is patched in every prompt.
+
+>>> import torch
+>>> logits = torch.zeros(2, 3, 5); logits[:, -1, 1] = 2.0
+>>> LogitDiff(answer=torch.tensor([1, 1]), wrong=torch.tensor([0, 0]))(logits)
+tensor(2.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+
+def _select_position(logits: Float[torch.Tensor, "batch pos vocab"], position) -> torch.Tensor:
+    if logits.ndim != 3:
+        raise ValueError(f"metrics expect logits [batch, pos, vocab]; got shape {tuple(logits.shape)}")
+    if isinstance(position, int):
+        return logits[:, position]
+    position = torch.as_tensor(position, device=logits.device)
+    if position.shape != (logits.shape[0],):
+        raise ValueError(f"position must be an int or one index per prompt [{logits.shape[0]}]; got {tuple(position.shape)}")
+    return logits[torch.arange(logits.shape[0], device=logits.device), position]
+
+
+def _as_ids(ids, batch: int, name: str, device) -> torch.Tensor:
+    ids = torch.as_tensor(ids, device=device).long()
+    if ids.ndim == 0:
+        ids = ids.expand(batch)
+    if ids.shape != (batch,):
+        raise ValueError(f"{name} must hold one token id per prompt [{batch}]; got shape {tuple(ids.shape)}")
+    return ids
+
+
+@dataclass
+class LogitDiff:
+    """Mean over the batch of logit[answer] - logit[wrong] at `position` (default: the last token)."""
+
+    answer: Int[torch.Tensor, " batch"]
+    wrong: Int[torch.Tensor, " batch"]
+    position: int | torch.Tensor = -1
+    name: str = "logit_diff"
+
+    def per_prompt(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, " batch"]:
+        last = _select_position(logits, self.position)
+        batch = last.shape[0]
+        answer = _as_ids(self.answer, batch, "answer", last.device)
+        wrong = _as_ids(self.wrong, batch, "wrong", last.device)
+        return last.gather(1, answer[:, None])[:, 0] - last.gather(1, wrong[:, None])[:, 0]
+
+    def __call__(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, ""]:
+        return self.per_prompt(logits).mean()
+
+
+@dataclass
+class NormalizedLogitDiff:
+    """(LD - LD_corrupted) / (LD_clean - LD_corrupted): 0 on the corrupted run, 1 on the clean run.
+
+    Build it from the two runs with ``NormalizedLogitDiff.from_runs(model, clean, corrupted, ...)``.
+    """
+
+    answer: Int[torch.Tensor, " batch"]
+    wrong: Int[torch.Tensor, " batch"]
+    clean_value: float
+    corrupted_value: float
+    position: int | torch.Tensor = -1
+    name: str = "normalized_logit_diff"
+
+    def __post_init__(self):
+        if not abs(self.clean_value - self.corrupted_value) > 1e-6:
+            raise ValueError(
+                f"clean and corrupted logit differences are equal ({self.clean_value:.6g}); the "
+                "normalised metric is undefined. Is the corruption changing anything?"
+            )
+
+    @classmethod
+    def from_runs(cls, model, clean_tokens, corrupted_tokens, answer, wrong, position=-1) -> "NormalizedLogitDiff":
+        raw = LogitDiff(answer, wrong, position)
+        with torch.no_grad():
+            clean_value = raw(model(clean_tokens)).item()
+            corrupted_value = raw(model(corrupted_tokens)).item()
+        return cls(answer, wrong, clean_value, corrupted_value, position)
+
+    def __call__(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, ""]:
+        value = LogitDiff(self.answer, self.wrong, self.position)(logits)
+        return (value - self.corrupted_value) / (self.clean_value - self.corrupted_value)
+
+
+@dataclass
+class ProbDiff:
+    """Mean over the batch of p[answer] - p[wrong] at `position`."""
+
+    answer: Int[torch.Tensor, " batch"]
+    wrong: Int[torch.Tensor, " batch"]
+    position: int | torch.Tensor = -1
+    name: str = "prob_diff"
+
+    def __call__(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, ""]:
+        probs = _select_position(logits, self.position).float().softmax(-1)
+        batch = probs.shape[0]
+        answer = _as_ids(self.answer, batch, "answer", probs.device)
+        wrong = _as_ids(self.wrong, batch, "wrong", probs.device)
+        return (probs.gather(1, answer[:, None]) - probs.gather(1, wrong[:, None])).mean()
+
+
+@dataclass
+class KLToClean:
+    """Mean over the batch of KL(p_clean || p) at `position`: 0 when the run reproduces the clean one."""
+
+    clean_logits: Float[torch.Tensor, "batch pos vocab"]
+    position: int | torch.Tensor = -1
+    name: str = "kl_to_clean"
+
+    def __call__(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, ""]:
+        if logits.shape != self.clean_logits.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} do not match the clean logits {tuple(self.clean_logits.shape)}")
+        clean = _select_position(self.clean_logits.detach(), self.position).float().log_softmax(-1)
+        patched = _select_position(logits, self.position).float().log_softmax(-1)
+        return (clean.exp() * (clean - patched)).sum(-1).mean()
+
+
+def metric_name(metric) -> str:
+    return getattr(metric, "name", None) or getattr(metric, "__name__", None) or type(metric).__name__
+
+
+def check_metric_value(value, metric, where: str) -> torch.Tensor:
+    """The metric's value as a 0-d tensor, or a clear error for a non-scalar or non-finite value."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"metric {metric_name(metric)} returned {type(value).__name__} on {where}; expected a scalar tensor")
+    if value.numel() != 1:
+        raise ValueError(
+            f"metric {metric_name(metric)} returned shape {tuple(value.shape)} on {where}; expected a scalar "
+            "(average over the batch, e.g. .mean())"
+        )
+    if not torch.isfinite(value).all():
+        raise ValueError(f"metric {metric_name(metric)} returned {value.item()} on {where}; expected a finite number")
+    return value.reshape(())
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement between score maps
+
+
+def _top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    k = min(k, a.size)
+    top_a = set(np.argsort(-np.abs(a), kind="stable")[:k])
+    top_b = set(np.argsort(-np.abs(b), kind="stable")[:k])
+    return len(top_a & top_b) / k
+
+
+def agreement(result, reference, *, top_k: int = 10):
+    """How well `result`'s scores track `reference`'s (usually activation patching), per component.
+
+    Returns a pandas DataFrame indexed by component with columns: ``pearson``, ``spearman``,
+    ``top_k_overlap`` (fraction of the k largest-|score| cells shared), ``pearson_without_max`` (Pearson
+    with the single largest-|reference| cell left out: one outlier cell can decide Pearson on its own)
+    and ``n_cells``.
+    """
+    import pandas as pd
+    from scipy import stats
+
+    rows = {}
+    shared = [c for c in result.scores if c in reference.scores]
+    if not shared:
+        raise ValueError(f"no component in common: {list(result.scores)} vs {list(reference.scores)}")
+    for component in shared:
+        a = result.scores[component].detach().cpu().double().numpy().ravel()
+        b = reference.scores[component].detach().cpu().double().numpy().ravel()
+        if result.scores[component].shape != reference.scores[component].shape:
+            raise ValueError(
+                f"{component}: score shapes differ, {tuple(result.scores[component].shape)} vs "
+                f"{tuple(reference.scores[component].shape)}"
+            )
+        keep = np.arange(b.size) != np.argmax(np.abs(b))
+        rows[component] = {
+            "pearson": _correlation(stats.pearsonr, a, b),
+            "spearman": _correlation(stats.spearmanr, a, b),
+            "top_k_overlap": _top_k_overlap(a, b, top_k),
+            "pearson_without_max": _correlation(stats.pearsonr, a[keep], b[keep]),
+            "n_cells": a.size,
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "component"
+    table.attrs["top_k"] = top_k
+    return table
+
+
+def _correlation(fn, a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(fn(a, b)[0])
