@@ -1,0 +1,79 @@
+"""Tasks: clean/corrupted prompt datasets for patching (the IOI generator, prompt files)::
+
+    from relp.tasks import make_ioi_dataset
+    data = make_ioi_dataset(model, 64, corruption="abc", seed=0)
+    for batch in data.batches():
+        batch.clean_tokens, batch.corrupted_tokens                 # [batch, pos]
+        batch.answer_tokens, batch.wrong_tokens, batch.positions   # [batch], {name: [batch]}
+
+See :mod:`relp.tasks.dataset` for batching prompts of different lengths and combining per-position
+scores across batches, :mod:`relp.tasks.ioi` for the IOI templates and corruptions, and
+:mod:`relp.tasks.prompts` for the file format.
+"""
+
+from relp.tasks.dataset import (
+    BOS_LABEL,
+    OTHER_LABEL,
+    PositionScores,
+    PromptDataset,
+    PromptExample,
+    aggregate_by_position,
+)
+from relp.tasks.ioi import (
+    ABBA_LONG_TEMPLATES,
+    ABBA_TEMPLATES,
+    BABA_LONG_TEMPLATES,
+    BABA_TEMPLATES,
+    CORRUPTIONS,
+    NAMES,
+    OBJECTS,
+    PLACES,
+    POSITION_NAMES,
+    TEMPLATE_SETS,
+    TEMPLATES,
+    Corruption,
+    IOIVocabulary,
+    Template,
+    ioi_vocabulary,
+    ioi_words,
+    make_ioi_dataset,
+    mirror_template,
+    resolve_templates,
+    single_token_words,
+)
+from relp.tasks.prompts import PromptFileError, load_prompts, prompts_from_records, save_prompts
+from relp.tasks.tokens import TaskTokenizer
+
+__all__ = [
+    "ABBA_LONG_TEMPLATES",
+    "ABBA_TEMPLATES",
+    "BABA_LONG_TEMPLATES",
+    "BABA_TEMPLATES",
+    "BOS_LABEL",
+    "CORRUPTIONS",
+    "NAMES",
+    "OBJECTS",
+    "OTHER_LABEL",
+    "PLACES",
+    "POSITION_NAMES",
+    "TEMPLATES",
+    "TEMPLATE_SETS",
+    "Corruption",
+    "IOIVocabulary",
+    "PositionScores",
+    "PromptDataset",
+    "PromptExample",
+    "PromptFileError",
+    "TaskTokenizer",
+    "Template",
+    "aggregate_by_position",
+    "ioi_vocabulary",
+    "ioi_words",
+    "load_prompts",
+    "make_ioi_dataset",
+    "mirror_template",
+    "prompts_from_records",
+    "resolve_templates",
+    "save_prompts",
+    "single_token_words",
+]
