@@ -136,6 +136,11 @@ def _cache_activations(model, tokens: torch.Tensor, names: Iterable[str]) -> dic
     return cache
 
 
+def _score_dtype(model) -> torch.dtype:
+    """Scores keep the model's precision, and at least float32 (half-precision sums lose too much)."""
+    return torch.promote_types(model.cfg.dtype, torch.float32)
+
+
 def _result(model, run: _Run, scores, method, metric, rules, start, **metadata) -> PatchingResult:
     return PatchingResult(
         scores=scores,
@@ -212,7 +217,7 @@ def activation_patching(
         hooks.append((name, patch))
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             logits = model(run.base.repeat(copies, 1))
-        layer_scores = scores[component.name].setdefault(layer, torch.zeros(shape))
+        layer_scores = scores[component.name].setdefault(layer, torch.zeros(shape, dtype=_score_dtype(model)))
         for i, cell in enumerate(cells):
             chunk = logits[i * n_prompts : (i + 1) * n_prompts]
             value = check_metric_value(metric(chunk), metric, f"{name} cell {cell}")
@@ -259,7 +264,7 @@ def _gradient_scores(model, run: _Run, metric: Metric) -> tuple[dict[str, torch.
             # d m / d resid_mid = d m / d attn_out because resid_mid = resid_pre + attn_out.
             base_activation = _activation(component, layer, {k: v.detach() for k, v in captured.items()})
             delta = _activation(component, layer, source) - base_activation
-            per_layer.append(component.cell_scores((delta * grad).float()))
+            per_layer.append(component.cell_scores((delta * grad).to(_score_dtype(model))))
         scores[component.name] = torch.stack(per_layer).detach().cpu()
     return scores, value.item()
 

@@ -173,12 +173,14 @@ def _norm_hooks(model, active: frozenset[str]) -> list[Hook]:
 
 
 def _norm_eps(module, model) -> float:
-    component = module.original_component
-    for attribute in ("eps", "variance_epsilon"):
-        value = getattr(component, attribute, None)
-        if value is not None:
-            return float(value)
-    return float(model.cfg.eps)
+    """The epsilon of the forward path the bridge takes: HF's module, or its own python path."""
+    native = module.use_native_layernorm_autograd or getattr(module.config, "layer_norm_folding", False)
+    if native:
+        for attribute in ("eps", "variance_epsilon"):
+            value = getattr(module.original_component, attribute, None)
+            if value is not None:
+                return float(value)
+    return float(getattr(module.config, "eps", model.cfg.eps))
 
 
 def _activation_fn(model, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:

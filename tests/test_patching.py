@@ -1,0 +1,324 @@
+"""The three scoring methods against independent oracles, and their input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformer_lens.patching as tl_patching
+
+import relp
+from relp.testing import tiny_model
+
+ARCHS = ["gpt2", "llama"]
+
+
+def _prompts(model, n_prompts=3, length=7, seed=0):
+    """Random clean prompts and corrupted copies that differ at two positions."""
+    g = torch.Generator().manual_seed(seed)
+    d_vocab = model.cfg.d_vocab
+    clean = torch.randint(6, d_vocab, (n_prompts, length), generator=g)
+    clean[:, 0] = 0  # BOS
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(6, d_vocab, (n_prompts,), generator=g)
+    corrupted[:, 4] = torch.randint(6, d_vocab, (n_prompts,), generator=g)
+    answer = torch.randint(6, d_vocab, (n_prompts,), generator=g)
+    wrong = torch.randint(6, d_vocab, (n_prompts,), generator=g)
+    return clean, corrupted, relp.LogitDiff(answer, wrong)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model64(request):
+    return tiny_model(request.param, dtype=torch.float64, n_layers=3)
+
+
+@pytest.fixture
+def float64_default():
+    """transformer_lens.patching stores results in the default dtype: make it float64 for the oracle."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation patching equals transformer_lens.patching
+
+
+@pytest.mark.parametrize(
+    "component, tl_function, to_tl_layout",
+    [
+        ("resid_pre", tl_patching.get_act_patch_resid_pre, lambda s: s),
+        ("attn_out", tl_patching.get_act_patch_attn_out, lambda s: s),
+        ("mlp_out", tl_patching.get_act_patch_mlp_out, lambda s: s),
+        # TransformerLens orders head scores [layer, pos, head]; relp uses [layer, head, pos]
+        ("head", tl_patching.get_act_patch_attn_head_out_by_pos, lambda s: s.transpose(1, 2)),
+    ],
+)
+def test_activation_patching_matches_transformer_lens(model64, component, tl_function, to_tl_layout, float64_default):
+    clean, corrupted, metric = _prompts(model64)
+    ours = relp.activation_patching(model64, clean, corrupted, metric, [component], progress=False, batch_size=8)
+    _, clean_cache = model64.run_with_cache(clean)
+    with torch.no_grad():
+        corrupted_value = metric(model64(corrupted))
+    theirs = tl_function(model64, corrupted, clean_cache, metric) - corrupted_value
+    # float64 throughout; the only difference is the batch layout of the forward passes (rounding ~1e-15)
+    torch.testing.assert_close(to_tl_layout(ours[component]).double(), theirs.double(), rtol=1e-9, atol=1e-9)
+    assert ours[component].abs().max() > 1e-3  # the comparison is not between two zero maps
+
+
+def test_noising_direction_matches_transformer_lens(model64, float64_default):
+    clean, corrupted, metric = _prompts(model64)
+    ours = relp.activation_patching(model64, clean, corrupted, metric, ["resid_pre"], direction="noising", progress=False)
+    _, corrupted_cache = model64.run_with_cache(corrupted)
+    with torch.no_grad():
+        clean_value = metric(model64(clean))
+    theirs = tl_patching.get_act_patch_resid_pre(model64, clean, corrupted_cache, metric) - clean_value
+    torch.testing.assert_close(ours["resid_pre"].double(), theirs.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_batch_size_does_not_change_activation_patching(model64):
+    clean, corrupted, metric = _prompts(model64)
+    one = relp.activation_patching(model64, clean, corrupted, metric, ["resid_pre", "head"], batch_size=1, progress=False)
+    many = relp.activation_patching(model64, clean, corrupted, metric, ["resid_pre", "head"], batch_size=64, progress=False)
+    for component in ("resid_pre", "head"):
+        torch.testing.assert_close(one[component], many[component], rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# resid_mid: the whole residual stream between attention and MLP
+
+
+def _without_mlps(architecture):
+    """A float64 model whose MLPs output exactly zero, so resid_mid[l] == resid_post[l] == resid_pre[l+1]."""
+    model = tiny_model(architecture, dtype=torch.float64, n_layers=3)
+    for block in model.blocks:
+        with torch.no_grad():
+            for parameter in block.mlp.out.parameters():
+                parameter.zero_()
+    return model
+
+
+@pytest.mark.parametrize("architecture", ARCHS)
+def test_resid_mid_patches_the_residual_stream(architecture, float64_default):
+    model = _without_mlps(architecture)
+    clean, corrupted, metric = _prompts(model)
+    components = ["resid_pre", "resid_mid", "resid_post"]
+    for method in (relp.activation_patching, relp.attribution_patching):
+        kwargs = {"progress": False} if method is relp.activation_patching else {}
+        result = method(model, clean, corrupted, metric, components, **kwargs)
+        torch.testing.assert_close(result["resid_mid"], result["resid_post"], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(result["resid_mid"][:-1], result["resid_pre"][1:], rtol=1e-9, atol=1e-12)
+        assert result["resid_mid"].abs().max() > 1e-3
+    # TransformerLens's own hook_resid_mid is the norm's input on the bridge: patching it misses the
+    # residual connection, which is why relp does not use it.
+    _, clean_cache = model.run_with_cache(clean)
+    with torch.no_grad():
+        corrupted_value = metric(model(corrupted))
+    theirs = tl_patching.get_act_patch_resid_mid(model, corrupted, clean_cache, metric) - corrupted_value
+    assert theirs.abs().max() < 1e-12
+
+
+def test_resid_mid_is_refused_where_it_is_not_resid_pre_plus_attn_out():
+    model = tiny_model("bert")
+    clean, corrupted, metric = _prompts(model)
+    with pytest.raises(ValueError, match="resid_mid is not defined"):
+        relp.attribution_patching(model, clean, corrupted, metric, ["resid_mid"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Attribution patching is exact where the metric is linear in the component
+
+
+@pytest.mark.parametrize("architecture", ARCHS)
+@pytest.mark.parametrize(
+    "components, zero_last_mlp",
+    [(["mlp_out", "resid_post"], False), (["attn_out", "head"], True)],
+)
+def test_attribution_patching_is_exact_for_a_linear_metric(architecture, components, zero_last_mlp):
+    """With a final norm whose epsilon dwarfs the variance, the logits are affine in the last block's
+    output, so AtP must equal activation patching for mlp_out and resid_post of the last layer; with
+    the last MLP switched off (output exactly zero) also for its attention output and heads."""
+    model = tiny_model(architecture, dtype=torch.float64, n_layers=2)
+    # the bridge computes the norm either with HF's module or on its own path with its config's eps
+    final_norm = model.ln_final.original_component
+    setattr(final_norm, "eps" if hasattr(final_norm, "eps") else "variance_epsilon", 1e12)
+    model.ln_final.config.eps = 1e12
+    if zero_last_mlp:
+        with torch.no_grad():
+            for parameter in model.blocks[-1].mlp.out.parameters():
+                parameter.zero_()
+    clean, corrupted, metric = _prompts(model)
+    scale = 1e10  # logits shrink by sqrt(eps) = 1e6 and random weights are small: rescale to O(1)
+    linear_metric = lambda logits: scale * metric(logits)  # noqa: E731
+    last = [model.cfg.n_layers - 1]
+    ap = relp.activation_patching(model, clean, corrupted, linear_metric, components, layers=last, progress=False)
+    atp = relp.attribution_patching(model, clean, corrupted, linear_metric, components, layers=last)
+    for component in components:
+        assert ap[component].abs().max() > 1e-2
+        # What is left of the norm's non-linearity is var/eps ~ 1e-15 relative. GPT-2 runs in float64
+        # throughout (rounding of metric values ~30 gives ~1e-14 absolute); HF's LlamaRMSNorm computes in
+        # float32 even in a float64 model, so there the metric carries float32 rounding: 30 * 6e-8 ~ 2e-6.
+        atol = 1e-12 if architecture == "gpt2" else 1e-5
+        torch.testing.assert_close(atp[component], ap[component], rtol=1e-10, atol=atol)
+    # ...while in the first layer (activation, softmax and norms in between) AtP is only an approximation
+    early_ap = relp.activation_patching(model, clean, corrupted, linear_metric, components, layers=[0], progress=False)
+    early_atp = relp.attribution_patching(model, clean, corrupted, linear_metric, components, layers=[0])
+    assert not torch.allclose(early_ap[components[0]], early_atp[components[0]], rtol=1e-6, atol=1e-9)
+
+
+def test_gradient_methods_agree_with_activation_patching_in_float32():
+    """The float32 bridge path gives the same AP map as float64 to float32 precision."""
+    model32 = tiny_model("llama", n_layers=2)
+    model64 = tiny_model("llama", n_layers=2, dtype=torch.float64)
+    clean, corrupted, metric = _prompts(model32)
+    a32 = relp.activation_patching(model32, clean, corrupted, metric, ["resid_pre"], progress=False)
+    a64 = relp.activation_patching(model64, clean, corrupted, metric, ["resid_pre"], progress=False)
+    torch.testing.assert_close(a32["resid_pre"].double(), a64["resid_pre"].double(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Relevance patching: rules change the gradient, the Half-rule conserves relevance
+
+
+def test_relevance_patching_differs_from_attribution_and_records_rules():
+    model = tiny_model("llama")
+    clean, corrupted, metric = _prompts(model)
+    atp = relp.attribution_patching(model, clean, corrupted, metric)
+    rp = relp.relevance_patching(model, clean, corrupted, metric)
+    assert rp.rules == ("ln", "identity", "half") and atp.rules == ()
+    assert rp.method == "relevance_patching" and rp.label == "RelP"
+    assert not torch.allclose(rp["resid_pre"], atp["resid_pre"])
+    gradient_only = relp.relevance_patching(model, clean, corrupted, metric, rules="gradient")
+    for component in atp.components:
+        torch.testing.assert_close(gradient_only[component], atp[component])
+
+
+def test_half_rule_conserves_relevance_across_the_gate_product():
+    """Under identity + half, g.dm/dg + u.dm/du equals h.dm/dh for h = act(g) * u, per position."""
+    model = tiny_model("llama", dtype=torch.float64)
+    tokens, _, metric = _prompts(model, n_prompts=2)
+    store = {}
+
+    def keep(name):
+        def hook(x, hook):
+            store[name] = x
+            return x
+
+        return hook
+
+    with relp.lrp_rules(model, "relp"):
+        hooks = [(f"blocks.1.mlp.{n}", keep(n)) for n in ("hook_pre", "hook_pre_linear", "hook_post")]
+        with model.hooks(fwd_hooks=hooks):
+            value = metric(model(tokens))
+            grads = torch.autograd.grad(value, [store[n] for n in ("hook_pre", "hook_pre_linear", "hook_post")])
+    gate, up, hidden = (store[n].detach() for n in ("hook_pre", "hook_pre_linear", "hook_post"))
+    relevance_in = gate * grads[0] + up * grads[1]
+    relevance_out = hidden * grads[2]
+    torch.testing.assert_close(relevance_in, relevance_out, rtol=1e-10, atol=1e-14)
+    assert relevance_out.abs().max() > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks are always removed
+
+
+def _n_hooks(model) -> int:
+    return sum(len(h._forward_hooks) + len(h._backward_hooks) for h in model.hook_dict.values())
+
+
+def test_hooks_are_removed_after_an_exception_inside_the_rules_context():
+    model = tiny_model("llama")
+    assert _n_hooks(model) == 0
+    with pytest.raises(KeyError):
+        with relp.lrp_rules(model, "relp+ah"):
+            assert _n_hooks(model) > 0
+            raise KeyError("boom")
+    assert _n_hooks(model) == 0
+
+
+@pytest.mark.parametrize("method", ["activation_patching", "attribution_patching", "relevance_patching"])
+def test_hooks_are_removed_when_the_metric_fails(method):
+    model = tiny_model("gpt2")
+    clean, corrupted, _ = _prompts(model)
+
+    def failing_metric(logits):
+        raise ZeroDivisionError("metric failed")
+
+    with pytest.raises(ZeroDivisionError):
+        getattr(relp, method)(model, clean, corrupted, failing_metric)
+    assert _n_hooks(model) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input gives a clear error
+
+
+@pytest.fixture(scope="module")
+def small():
+    return tiny_model("gpt2")
+
+
+METHODS = [relp.activation_patching, relp.attribution_patching, relp.relevance_patching]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unequal_token_lengths_are_refused(small, method):
+    clean, corrupted, metric = _prompts(small)
+    with pytest.raises(ValueError, match=r"token lengths differ: 7 vs 6"):
+        method(small, clean, corrupted[:, :6], metric)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unequal_batch_sizes_are_refused(small, method):
+    clean, corrupted, metric = _prompts(small)
+    with pytest.raises(ValueError, match=r"batch sizes differ: 3 vs 2"):
+        method(small, clean, corrupted[:2], metric)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unknown_component_is_refused(small, method):
+    clean, corrupted, metric = _prompts(small)
+    with pytest.raises(ValueError, match=r"unknown component\(s\) \['mlp_in'\].*resid_pre"):
+        method(small, clean, corrupted, metric, ["resid_pre", "mlp_in"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_scalar_metric_is_refused(small, method):
+    clean, corrupted, metric = _prompts(small)
+    with pytest.raises(ValueError, match=r"returned shape \(3,\).*expected a scalar"):
+        method(small, clean, corrupted, lambda logits: logits[:, -1, 0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_metric_is_refused(small, method):
+    clean, corrupted, metric = _prompts(small)
+    with pytest.raises(ValueError, match=r"returned nan.*finite"):
+        method(small, clean, corrupted, lambda logits: logits.sum() * float("nan"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_mode_is_refused(method):
+    model = tiny_model("gpt2")
+    clean, corrupted, metric = _prompts(model)
+    model.train()
+    with pytest.raises(RuntimeError, match="training mode"):
+        method(model, clean, corrupted, metric)
+
+
+def test_texts_of_different_token_lengths_are_refused(small):
+    with pytest.raises(ValueError, match=r"tokenize to different lengths \[4, 5\]"):
+        relp.to_tokens(small, ["w1 w2 w3", "w1 w2 w3 w4"])
+
+
+def test_unknown_rule_preset_is_refused(small):
+    clean, corrupted, metric = _prompts(small)
+    with pytest.raises(ValueError, match=r"unknown rule preset 'lrp'.*relp"):
+        relp.relevance_patching(small, clean, corrupted, metric, rules="lrp")
+
+
+def test_text_inputs_work_and_label_positions(small):
+    answer, wrong = small.to_single_token("w5"), small.to_single_token("w6")
+    metric = relp.LogitDiff(torch.tensor([answer]), torch.tensor([wrong]))
+    result = relp.attribution_patching(small, "w1 w2 w3", "w1 w9 w3", metric)
+    assert result.tokens == ("<bos>", "w1", "w2", "w3")
+    assert result["resid_pre"].shape == (small.cfg.n_layers, 4)
