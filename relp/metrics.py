@@ -158,6 +158,9 @@ def _top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
 def agreement(result, reference, *, top_k: int = 10):
     """How well `result`'s scores track `reference`'s (usually activation patching), per component.
 
+    `result` and `reference` are PatchingResults, or equally long lists of them (e.g. one per batch of
+    prompts of one layout): the cells of all pairs are then pooled.
+
     Returns a pandas DataFrame indexed by component with columns: ``pearson``, ``spearman``,
     ``top_k_overlap`` (fraction of the k largest-|score| cells shared), ``pearson_without_max`` (Pearson
     with the single largest-|reference| cell left out: one outlier cell can decide Pearson on its own)
@@ -166,18 +169,25 @@ def agreement(result, reference, *, top_k: int = 10):
     import pandas as pd
     from scipy import stats
 
-    rows = {}
-    shared = [c for c in result.scores if c in reference.scores]
+    results = list(result) if isinstance(result, (list, tuple)) else [result]
+    references = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    if len(results) != len(references) or not results:
+        raise ValueError(f"need equally many results and references; got {len(results)} and {len(references)}")
+    shared = [c for c in results[0].scores if all(c in r.scores for r in results + references)]
     if not shared:
-        raise ValueError(f"no component in common: {list(result.scores)} vs {list(reference.scores)}")
+        raise ValueError(f"no component in common: {list(results[0].scores)} vs {list(references[0].scores)}")
+    rows = {}
     for component in shared:
-        a = result.scores[component].detach().cpu().double().numpy().ravel()
-        b = reference.scores[component].detach().cpu().double().numpy().ravel()
-        if result.scores[component].shape != reference.scores[component].shape:
-            raise ValueError(
-                f"{component}: score shapes differ, {tuple(result.scores[component].shape)} vs "
-                f"{tuple(reference.scores[component].shape)}"
-            )
+        pairs = []
+        for mine, theirs in zip(results, references):
+            if mine.scores[component].shape != theirs.scores[component].shape:
+                raise ValueError(
+                    f"{component}: score shapes differ, {tuple(mine.scores[component].shape)} vs "
+                    f"{tuple(theirs.scores[component].shape)}"
+                )
+            pairs.append((mine.scores[component], theirs.scores[component]))
+        a = np.concatenate([p[0].detach().cpu().double().numpy().ravel() for p in pairs])
+        b = np.concatenate([p[1].detach().cpu().double().numpy().ravel() for p in pairs])
         keep = np.arange(b.size) != np.argmax(np.abs(b))
         rows[component] = {
             "pearson": _correlation(stats.pearsonr, a, b),

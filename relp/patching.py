@@ -182,22 +182,30 @@ def activation_patching(
     names = _hook_names(run)
     if any(c.offset_template for c in run.components):
         _check_resid_mid(model, run, run.base)
-    source = _cache_activations(model, run.source, [name for _, _, name in names] + _offset_names(run))
+    all_names = [name for _, _, name in names] + _offset_names(run)
+    source = _cache_activations(model, run.source, all_names)
+    base = _cache_activations(model, run.base, all_names)
     with torch.no_grad():
         base_value = check_metric_value(metric(model(run.base)), metric, "the base run")
     n_prompts = run.base.shape[0]
     copies_per_pass = max(1, batch_size // n_prompts)
 
+    # Cells whose activation is identical in both runs (e.g. positions before the first changed token)
+    # score exactly 0 and need no forward pass.
+    scores = {c.name: {} for c in run.components}
     jobs = []
+    skipped = 0
     for component, layer, name in names:
         shape = component.cell_shape(source[name])
-        cells = list(itertools.product(*map(range, shape)))
-        jobs += [(component, layer, name, shape, cells[i : i + copies_per_pass]) for i in range(0, len(cells), copies_per_pass)]
-    scores = {c.name: {} for c in run.components}
+        scores[component.name][layer] = torch.zeros(shape, dtype=_score_dtype(model))
+        changed = component.cell_scores((_activation(component, layer, source) != _activation(component, layer, base)).to(torch.int32))
+        cells = [cell for cell in itertools.product(*map(range, shape)) if changed[cell] > 0]
+        skipped += changed.numel() - len(cells)
+        jobs += [(component, layer, name, cells[i : i + copies_per_pass]) for i in range(0, len(cells), copies_per_pass)]
 
     from tqdm.auto import tqdm
 
-    for component, layer, name, shape, cells in tqdm(jobs, desc="activation patching", disable=not progress, unit="pass"):
+    for component, layer, name, cells in tqdm(jobs, desc="activation patching", disable=not progress, unit="pass"):
         copies = len(cells)
         target = _activation(component, layer, source)
         offset_name = component.offset_name(layer)
@@ -217,14 +225,17 @@ def activation_patching(
         hooks.append((name, patch))
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             logits = model(run.base.repeat(copies, 1))
-        layer_scores = scores[component.name].setdefault(layer, torch.zeros(shape, dtype=_score_dtype(model)))
+        layer_scores = scores[component.name][layer]
         for i, cell in enumerate(cells):
             chunk = logits[i * n_prompts : (i + 1) * n_prompts]
             value = check_metric_value(metric(chunk), metric, f"{name} cell {cell}")
             layer_scores[cell] = (value - base_value).item()
 
     stacked_scores = {c: torch.stack([by_layer[layer] for layer in run.layers]) for c, by_layer in scores.items()}
-    return _result(model, run, stacked_scores, "activation_patching", metric, (), start, base_metric=base_value.item())
+    return _result(
+        model, run, stacked_scores, "activation_patching", metric, (), start,
+        base_metric=base_value.item(), forward_passes=len(jobs) + 3, cells_skipped_unchanged=skipped,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,3 +118,32 @@ class PatchingResult:
         for key in ("rules", "layers", "tokens"):
             payload[key] = tuple(payload[key])
         return cls(**payload)
+
+
+def pool_results(results: "list[PatchingResult]") -> PatchingResult:
+    """One result from several of one method (e.g. one per layout batch), positions concatenated.
+
+    Scores are joined along their position axis, so every cell of every batch appears once; useful
+    for scatter plots and pooled statistics. Token labels are dropped (they differ between batches).
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("no results to pool")
+    first = results[0]
+    for other in results[1:]:
+        if (other.method, other.components, other.layers) != (first.method, first.components, first.layers):
+            raise ValueError(
+                f"cannot pool {other.label} {other.components} layers {other.layers} with "
+                f"{first.label} {first.components} layers {first.layers}"
+            )
+    scores = {}
+    for name in first.components:
+        position_dim = COMPONENTS[name].axes.index("position")
+        scores[name] = torch.cat([r.scores[name] for r in results], dim=position_dim)
+    return dataclasses.replace(
+        first,
+        scores=scores,
+        seconds=sum(r.seconds for r in results),
+        tokens=(),
+        metadata={"pooled": len(results)},
+    )

@@ -1,0 +1,5 @@
+import sys
+
+from relp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,258 @@
+"""IOI reproduction: activation patching as ground truth, AtP and RelP against it.
+
+Runs the paper's protocol on IOI prompts: for every layout of prompts (same length and named
+positions), the normalised logit difference ``(LD - LD_corrupted) / (LD_clean - LD_corrupted)`` with
+``LD = logit[IO] - logit[S]`` at the last token, scored over the layer x position grid of each component
+by every method; agreement with activation patching pools the cells of all layouts.
+
+    python -m relp ioi --out runs/ioi                       # the embedded SmolLM2, default settings
+    python experiments/ioi.py --model gpt2 --out runs/gpt2  # with network access
+
+Writes results.json, results.md, positions.csv (scores per named position, all templates), and PNG
+figures (heatmaps per method, scatter of each method against activation patching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METHODS = {"ap": "activation_patching", "atp": "attribution_patching", "relp": "relevance_patching"}
+PAPER_GPT2_SMALL = {  # Pearson r with activation patching, IOI, from the RelP paper (GPT-2 small)
+    "resid_pre": {"atp": 0.753, "relp": 0.968},
+    "attn_out": {"atp": 0.979, "relp": 0.962},
+    "mlp_out": {"atp": 0.195, "relp": 0.992},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relp ioi", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model spec for relp.load_model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--n-prompts", type=int, default=24, help="number of IOI prompts (default: 24)")
+    parser.add_argument("--corruption", default="abc", choices=["abc", "s2_io_flip", "io_s_swap"])
+    parser.add_argument("--templates", default="baba", help="template set (see relp.tasks.TEMPLATE_SETS; default: baba)")
+    parser.add_argument("--components", nargs="+", default=["resid_pre", "attn_out", "mlp_out"], help="components to score (add 'head' for heads)")
+    parser.add_argument("--methods", nargs="+", default=["ap", "atp", "relp"], choices=sorted(METHODS))
+    parser.add_argument("--rules", default="relp", help="LRP rule preset for relevance patching (default: relp)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass in activation patching")
+    parser.add_argument("--top-k", type=int, default=10, help="k of the top-k overlap")
+    parser.add_argument("--out", default="runs/ioi", help="output directory")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    return parser
+
+
+def _versions() -> dict:
+    import transformer_lens
+    import transformers
+
+    import relp
+
+    return {
+        "relp": relp.__version__,
+        "torch": torch.__version__,
+        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run(args: argparse.Namespace, model=None) -> dict:
+    """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests)."""
+    import relp
+    from relp.metrics import LogitDiff, NormalizedLogitDiff, agreement
+    from relp.tasks import aggregate_by_position, make_ioi_dataset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if "ap" not in args.methods:
+        raise SystemExit("the IOI experiment compares methods with activation patching: keep 'ap' in --methods")
+    dtype = getattr(torch, args.dtype)
+
+    started = time.perf_counter()
+    if model is None:
+        model = relp.load_model(args.model, device=args.device, dtype=dtype)
+    load_seconds = time.perf_counter() - started
+    model_name = str(args.model or model.cfg.model_name)
+    data = make_ioi_dataset(model, args.n_prompts, corruption=args.corruption, seed=args.seed, templates=args.templates)
+    print(f"{model_name}: {len(data)} IOI prompts ({args.corruption}), {sum(1 for _ in data.batches())} layout batch(es)")
+
+    results: dict[str, list] = {m: [] for m in args.methods}
+    clean_lds, corrupted_lds = [], []
+    tables: dict[str, dict[str, object]] = {m: {} for m in args.methods}
+    batches = list(data.batches())
+    for index, batch in enumerate(batches):
+        clean, corrupted = batch.clean_tokens, batch.corrupted_tokens
+        raw = LogitDiff(batch.answer_tokens, batch.wrong_tokens)
+        with torch.no_grad():
+            clean_lds.append(raw.per_prompt(model(clean)))
+            corrupted_lds.append(raw.per_prompt(model(corrupted)))
+        metric = NormalizedLogitDiff(
+            batch.answer_tokens, batch.wrong_tokens, clean_lds[-1].mean().item(), corrupted_lds[-1].mean().item()
+        )
+        for method in args.methods:
+            kwargs = {"components": args.components}
+            if method == "ap":
+                kwargs.update(batch_size=args.batch_size, progress=True)
+            if method == "relp":
+                kwargs.update(rules=args.rules)
+            print(f"  batch {index + 1}/{len(batches)} ({len(batch)} prompts, {batch.length} tokens): {method}")
+            result = getattr(relp, METHODS[method])(model, clean, corrupted, metric, **kwargs)
+            result.metadata["position_labels"] = batch.position_labels()
+            results[method].append(result)
+            for component in args.components:
+                position_dim = 1 if component == "neuron" else -1
+                table = aggregate_by_position(result[component], batch, position_dim=position_dim)
+                tables[method][component] = tables[method].get(component, 0) + table
+
+    clean_ld = torch.cat(clean_lds)
+    corrupted_ld = torch.cat(corrupted_lds)
+    summary = {
+        "model": model_name,
+        "n_prompts": len(data),
+        "corruption": args.corruption,
+        "templates": args.templates,
+        "seed": args.seed,
+        "components": list(args.components),
+        "rules": args.rules,
+        "metric": "normalized_logit_diff",
+        "clean_logit_diff": clean_ld.mean().item(),
+        "corrupted_logit_diff": corrupted_ld.mean().item(),
+        "clean_logit_diff_positive_fraction": (clean_ld > 0).float().mean().item(),
+        "n_layout_batches": len(batches),
+        "agreement": {},
+        "timings_s": {m: sum(r.seconds for r in rs) for m, rs in results.items()},
+        "load_seconds": load_seconds,
+        "versions": _versions(),
+    }
+    for method in args.methods:
+        if method == "ap":
+            continue
+        table = agreement(results[method], results["ap"], top_k=args.top_k)
+        summary["agreement"][method] = {
+            component: {
+                "pearson": row.pearson,
+                "spearman": row.spearman,
+                f"top{args.top_k}_overlap": row.top_k_overlap,
+                "pearson_without_max": row.pearson_without_max,
+                "n_cells": int(row.n_cells),
+            }
+            for component, row in table.iterrows()
+        }
+    summary["total_seconds"] = time.perf_counter() - started
+
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out / "results.md").write_text(results_markdown(summary, top_k=args.top_k))
+    _write_position_table(tables, out / "positions.csv")
+    for method, rs in results.items():
+        for i, result in enumerate(rs):
+            result.save(out / "scores" / f"{method}_batch{i}.pt")
+    if not args.no_figures:
+        _write_figures(results, args.components, model_name, out)
+    print(results_markdown(summary, top_k=args.top_k))
+    print(f"wrote {out}/ in {summary['total_seconds']:.0f} s")
+    return summary
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def results_markdown(summary: dict, *, top_k: int = 10) -> str:
+    """The agreement table laid out like the paper's: rows model, columns component x method."""
+    components = summary["components"]
+    methods = [m for m in summary["agreement"]]
+    label = {"atp": "AtP", "relp": "RelP"}
+    lines = [
+        f"# IOI: agreement with activation patching ({summary['model']})",
+        "",
+        f"{summary['n_prompts']} prompts, corruption `{summary['corruption']}`, templates `{summary['templates']}`, "
+        f"seed {summary['seed']}, RelP rules `{summary['rules']}`. Clean logit diff {summary['clean_logit_diff']:.2f} "
+        f"(positive on {100 * summary['clean_logit_diff_positive_fraction']:.0f}% of prompts), corrupted "
+        f"{summary['corrupted_logit_diff']:.2f}.",
+        "",
+    ]
+    for statistic, title in (
+        ("pearson", "Pearson r"),
+        ("spearman", "Spearman rho"),
+        (f"top{top_k}_overlap", f"top-{top_k} overlap"),
+        ("pearson_without_max", "Pearson r without the largest-|AP| cell"),
+    ):
+        header = "| model | " + " | ".join(f"{c} {label.get(m, m)}" for c in components for m in methods) + " |"
+        lines += [f"## {title}", "", header, "|" + "---|" * (1 + len(components) * len(methods))]
+        cells = [f"{summary['agreement'][m][c][statistic]:.3f}" for c in components for m in methods]
+        lines += [f"| {summary['model']} | " + " | ".join(cells) + " |", ""]
+    timings = ", ".join(f"{label.get(m, m.upper())} {s:.1f} s" for m, s in summary["timings_s"].items())
+    lines += [f"Wall time per method: {timings}.", ""]
+    return "\n".join(lines)
+
+
+def _write_position_table(tables: dict, path: Path) -> None:
+    import pandas as pd
+
+    frames = []
+    for method, by_component in tables.items():
+        for component, table in by_component.items():
+            if component in ("head",):
+                frame = table.to_frame(dims=["layer", "head"])
+            elif component == "neuron":
+                continue
+            else:
+                frame = table.to_frame(dims=["layer"])
+            frame.insert(0, "component", component)
+            frame.insert(0, "method", method)
+            frames.append(frame)
+    pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+
+
+def _write_figures(results: dict, components: list[str], model_name: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from relp import plotting
+    from relp.results import pool_results
+
+    figures = out / "figures"
+    first = {method: rs[0] for method, rs in results.items()}
+    for method, result in first.items():
+        tokens = result.tokens
+        labels = result.metadata.get("position_labels") or []
+        position_labels = [
+            f"{tok}\n({lab})" if lab not in ("other",) and i < len(labels) else tok
+            for i, (tok, lab) in enumerate(zip(tokens, labels))
+        ] if labels else None
+        for component in components:
+            if component == "neuron":
+                continue
+            fig = plotting.plot_scores(result, [component], position_labels=position_labels, path=figures / f"heatmap_{method}_{component}.png")
+            plt.close(fig)
+    reference = pool_results(results["ap"])
+    for method, rs in results.items():
+        if method == "ap":
+            continue
+        pooled = pool_results(rs)
+        for component in components:
+            fig, ax = plt.subplots(figsize=(5, 4.5))
+            plotting.plot_scatter(pooled, reference, component, ax=ax)
+            fig.savefig(figures / f"scatter_{method}_{component}.png", dpi=120, bbox_inches="tight")
+            plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
