@@ -1,0 +1,453 @@
+"""Plots of patching scores: per-component heatmaps and method-vs-reference scatter grids.
+
+Everything here draws with matplotlib's object API: figures are created as
+:class:`matplotlib.figure.Figure` objects, never through ``pyplot``, so nothing is registered with a
+GUI backend, nothing is shown and the functions work headless (Agg). A function saves its figure only
+when ``path=`` is given (parent folders are created; 120 dpi, tight bounding box). In Jupyter, a
+returned figure displays as the cell's value; in a script, save it with ``path=`` or
+``fig.savefig(...)``. Every function also accepts existing axes (``ax=`` / ``axes=``), e.g. from
+``plt.subplots``, and then draws into them.
+
+>>> import torch, relp
+>>> from relp.plotting import plot_scores, plot_agreement
+>>> from relp.testing import tiny_model
+>>> model = tiny_model("llama", n_layers=3)
+>>> clean = torch.tensor([[0, 10, 11, 12, 13, 14, 15]]); corrupted = clean.clone(); corrupted[0, 2] = 20
+>>> metric = relp.LogitDiff(torch.tensor([30]), torch.tensor([31]))
+>>> ap = relp.activation_patching(model, clean, corrupted, metric, ["resid_pre", "head"], progress=False)
+>>> atp = relp.attribution_patching(model, clean, corrupted, metric, ["resid_pre", "head"])
+>>> fig = plot_scores(ap, path="/tmp/relp_ap.png")             # one heatmap panel per component
+>>> fig = plot_agreement([atp], ap, path="/tmp/relp_agreement.png")  # rows: methods, columns: components
+
+Heatmaps put the layer on the y axis (layer 0 at the bottom) and the position on the x axis, labelled
+with the prompt's tokens (``result.tokens``, or ``position_labels=``). Heads are shown as a layer x head
+map summed over positions (``head_position=`` picks one position), neurons as a layer x neuron map
+summed over positions (``neuron_position=`` picks one). Colours use a diverging map centred on zero
+(``vmin == -vmax``, the largest |score| of the panel), so red raises the metric and blue lowers it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["plot_agreement", "plot_heatmap", "plot_scatter", "plot_scores"]
+
+DPI = 120
+CMAP = "RdBu_r"
+LAYER_CMAP = "viridis"
+MAX_FIGURE_WIDTH = 18.0  # inches: plot_scores picks its default number of columns to stay under this
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _save(fig: Figure, path) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+
+
+def _numpy(tensor) -> np.ndarray:
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().cpu().double().numpy()
+    return np.asarray(tensor, dtype=float)
+
+
+def _scores(result, component: str) -> np.ndarray:
+    if component not in result.scores:
+        raise KeyError(f"no scores for {component!r} in this {result.label} result; it has {list(result.scores)}")
+    return _numpy(result.scores[component])
+
+
+def _layer_labels(result, n_layers: int) -> list[int]:
+    layers = list(result.layers)
+    return layers if len(layers) == n_layers else list(range(n_layers))
+
+
+def _readable(token: str) -> str:
+    """Control characters would break a tick label's layout; show them escaped."""
+    return token.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _position_labels(result, n_positions: int, position_labels) -> list[str]:
+    if position_labels is not None:
+        labels = [str(label) for label in position_labels]
+        if len(labels) != n_positions:
+            raise ValueError(f"position_labels has {len(labels)} labels; the scores have {n_positions} positions")
+        return labels
+    tokens = list(result.tokens)
+    if len(tokens) == n_positions:
+        return [_readable(str(t)) for t in tokens]
+    return [str(i) for i in range(n_positions)]
+
+
+def _check_position(position: int, n_positions: int, name: str) -> int:
+    if not -n_positions <= position < n_positions:
+        raise ValueError(f"{name}={position} is out of range for {n_positions} positions")
+    return position % n_positions
+
+
+def _new_axes(figsize) -> Axes:
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig.add_subplot()
+
+
+def _heatmap_panel(result, component: str, position_labels, head_position, neuron_position):
+    """The 2-d map [layer, x] of one component, with x tick labels (None: automatic integer ticks),
+    the x axis name and a note on how positions were reduced."""
+    scores = _scores(result, component)
+    axes = tuple(result.axes[component])
+    if axes == ("layer", "position"):
+        return scores, _position_labels(result, scores.shape[1], position_labels), "position", ""
+    if axes == ("layer", "head", "position"):
+        n_positions = scores.shape[2]
+        if head_position is None:
+            return scores.sum(axis=2), [str(h) for h in range(scores.shape[1])], "head", "summed over positions"
+        p = _check_position(head_position, n_positions, "head_position")
+        token = _position_labels(result, n_positions, position_labels)[p]
+        return scores[:, :, p], [str(h) for h in range(scores.shape[1])], "head", f"at position {p} ({token!r})"
+    if axes == ("layer", "position", "neuron"):
+        n_positions = scores.shape[1]
+        if neuron_position is None:
+            return scores.sum(axis=1), None, "neuron", "summed over positions"
+        p = _check_position(neuron_position, n_positions, "neuron_position")
+        token = _position_labels(result, n_positions, position_labels)[p]
+        return scores[:, p, :], None, "neuron", f"at position {p} ({token!r})"
+    raise ValueError(f"cannot draw a heatmap for {component!r} with axes {axes}")
+
+
+def _panel_size(result, component: str) -> tuple[float, float]:
+    """A readable panel size in inches: ~0.24 in per position column, ~0.14 in per layer row."""
+    shape = tuple(result.scores[component].shape)
+    axes = tuple(result.axes[component])
+    if "neuron" in axes:
+        width = 6.0
+    elif "head" in axes:
+        width = min(max(0.3 * shape[axes.index("head")] + 2.0, 3.5), 9.0)
+    else:
+        width = min(max(0.24 * shape[1] + 2.0, 4.0), 9.0)
+    height = min(max(0.14 * shape[0] + 1.6, 2.8), 8.0)
+    return width, height
+
+
+def _title(result, component: str, note: str = "") -> str:
+    model = f" · {result.model}" if result.model else ""
+    title = f"{result.label}{model} · {component}"
+    return f"{title}\n({note})" if note else title
+
+
+def _metric_label(result) -> str:
+    return f"{result.label} score (Δ {result.metric})" if result.metric else f"{result.label} score"
+
+
+# ----------------------------------------------------------------------------------------------
+# Heatmaps
+
+
+def plot_heatmap(
+    result,
+    component: str,
+    *,
+    ax: Axes | None = None,
+    position_labels: Sequence[str] | None = None,
+    head_position: int | None = None,
+    neuron_position: int | None = None,
+    title: str | None = None,
+    cmap: str = CMAP,
+    colorbar: bool = True,
+    path=None,
+) -> Axes:
+    """Draw one component's scores as a layer x position heatmap and return the Axes.
+
+    Layer is on the y axis (the first scored layer at the bottom, labelled with ``result.layers``);
+    the x axis is the position, labelled with ``result.tokens`` or ``position_labels`` (which
+    overrides them, e.g. ``["BOS", "IO", "S1", ...]``). ``"head"`` is drawn as layer x head, summed over
+    positions unless ``head_position`` (an index, negative counts from the end) picks one;
+    ``"neuron"`` as layer x neuron, summed over positions unless ``neuron_position`` picks one.
+
+    The colour map is diverging (``RdBu_r``) and centred on zero: ``vmin = -vmax = -max|score|``.
+    ``colorbar`` adds a colour bar labelled with the method and metric. ``ax`` draws into existing
+    axes (a new figure otherwise); ``path`` saves the figure holding the axes.
+    """
+    data, xlabels, xname, note = _heatmap_panel(result, component, position_labels, head_position, neuron_position)
+    if ax is None:
+        ax = _new_axes(_panel_size(result, component))
+    limit = float(np.nanmax(np.abs(data))) if data.size and np.isfinite(data).any() else 0.0
+    limit = limit if limit > 0 else 1.0  # an all-zero map still gets a valid, centred norm
+    image = ax.imshow(
+        data,
+        cmap=cmap,
+        norm=Normalize(vmin=-limit, vmax=limit),
+        origin="lower",
+        aspect="auto",
+        interpolation="nearest",
+    )
+
+    n_layers, n_columns = data.shape
+    layer_labels = _layer_labels(result, n_layers)
+    step = max(1, math.ceil(n_layers / 32))
+    ax.set_yticks(range(0, n_layers, step), [str(layer) for layer in layer_labels[::step]])
+    ax.tick_params(axis="y", labelsize=8 if n_layers <= 24 else 7)
+    ax.set_ylabel("layer")
+
+    if xlabels is None:  # neurons: too many to label one by one
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+        ax.tick_params(axis="x", labelsize=8)
+    elif xname == "position":
+        step = max(1, math.ceil(n_columns / 40))
+        ax.set_xticks(range(0, n_columns, step), xlabels[::step], parse_math=False)
+        ax.tick_params(axis="x", labelsize=8 if n_columns <= 30 else 6)
+        for label in ax.get_xticklabels():
+            label.set_rotation(55)
+            label.set_horizontalalignment("right")
+            label.set_rotation_mode("anchor")
+    else:
+        step = max(1, math.ceil(n_columns / 32))
+        ax.set_xticks(range(0, n_columns, step), xlabels[::step])
+        ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel(xname)
+    ax.set_title(title if title is not None else _title(result, component, note), fontsize=10, parse_math=False)
+
+    if colorbar:
+        bar = ax.figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+        bar.set_label(_metric_label(result), fontsize=9)
+        bar.ax.tick_params(labelsize=8)
+    _save(ax.figure, path)
+    return ax
+
+
+def plot_scores(
+    result,
+    components: Sequence[str] | str | None = None,
+    *,
+    position_labels: Sequence[str] | None = None,
+    head_position: int | None = None,
+    neuron_position: int | None = None,
+    axes=None,
+    ncols: int | None = None,
+    title: str | None = None,
+    path=None,
+) -> Figure:
+    """Heatmaps of a result, one panel per component (each drawn by :func:`plot_heatmap`).
+
+    ``components`` defaults to every component in the result, in its order. Each panel has its own
+    zero-centred colour scale and a labelled colour bar, and its title names the method, model and
+    component. ``position_labels``, ``head_position`` and ``neuron_position`` are passed on to
+    :func:`plot_heatmap`. ``axes`` (an array or list of at least as many Axes) draws into existing
+    axes; otherwise a new figure with ``ncols`` columns is made (default: up to 3, fewer where wide
+    panels would make the figure wider than 18 inches). ``title`` is the figure's title (default:
+    method, model, metric and direction). Returns the Figure; saves it only if ``path`` is given.
+    """
+    if components is None:
+        components = list(result.scores)
+    elif isinstance(components, str):
+        components = [components]
+    else:
+        components = list(components)
+    if not components:
+        raise ValueError(f"no components to plot; this result has {list(result.scores)}")
+    for component in components:
+        _scores(result, component)  # a clear error before anything is drawn
+
+    if axes is None:
+        sizes = [_panel_size(result, c) for c in components]
+        width = max(w for w, _ in sizes)
+        height = max(h for _, h in sizes)
+        ncols = min(len(components), ncols or max(1, min(3, int(MAX_FIGURE_WIDTH // width))))
+        nrows = math.ceil(len(components) / ncols)
+        fig = Figure(figsize=(width * ncols, height * nrows + 0.4), layout="constrained")
+        grid = fig.subplots(nrows, ncols, squeeze=False)
+        flat = list(grid.ravel())
+        for extra in flat[len(components):]:
+            extra.set_visible(False)
+    else:
+        flat = list(np.ravel(np.asarray(axes, dtype=object)))
+        if len(flat) < len(components):
+            raise ValueError(f"{len(components)} components need {len(components)} axes; got {len(flat)}")
+        fig = flat[0].figure
+    for ax, component in zip(flat, components):
+        plot_heatmap(
+            result,
+            component,
+            ax=ax,
+            position_labels=position_labels,
+            head_position=head_position,
+            neuron_position=neuron_position,
+        )
+    if title is None and axes is None:
+        model = f" on {result.model}" if result.model else ""
+        title = f"{result.label} scores{model} — metric {result.metric}, {result.direction}"
+    if title:
+        fig.suptitle(title, fontsize=12)
+    _save(fig, path)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement scatter plots
+
+
+def _correlations(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    from scipy import stats
+
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    return float(stats.pearsonr(x, y)[0]), float(stats.spearmanr(x, y)[0])
+
+
+def _layer_per_cell(result, component: str, shape: tuple[int, ...]) -> np.ndarray:
+    layers = np.asarray(_layer_labels(result, shape[0]), dtype=float)
+    return np.broadcast_to(layers.reshape((-1,) + (1,) * (len(shape) - 1)), shape).ravel()
+
+
+def _layer_norm(results) -> Normalize:
+    layers = [layer for r in results for c in r.scores for layer in _layer_labels(r, r.scores[c].shape[0])]
+    low, high = (min(layers), max(layers)) if layers else (0, 1)
+    return Normalize(vmin=low, vmax=high if high > low else low + 1)
+
+
+def _method_names(result, reference) -> tuple[str, str]:
+    y, x = result.label, reference.label
+    if x == y:  # e.g. two RelP variants: tell them apart by their rules
+        y = f"{y} ({'+'.join(result.rules)})" if result.rules else y
+        x = f"{x} ({'+'.join(reference.rules)})" if reference.rules else f"{x} (reference)"
+        if x == y:
+            x = f"{reference.label} (reference)"
+    return y, x
+
+
+def plot_scatter(
+    result,
+    reference,
+    component: str,
+    *,
+    ax: Axes | None = None,
+    colorbar: bool = True,
+    layer_norm: Normalize | None = None,
+    title: str | None = None,
+    path=None,
+) -> Axes:
+    """Scatter ``result``'s score (y) against ``reference``'s (x, usually AP) for every cell of a component.
+
+    Points are coloured by layer (colour bar labelled "layer" when ``colorbar``); a dashed line marks
+    y = x, and the title gives Pearson r and Spearman rho over all cells (as in
+    :func:`relp.agreement`). Axis labels name the methods ("AP score", "RelP score"). ``layer_norm``
+    fixes the layer colour scale (so that panels share it). ``ax`` draws into existing axes; ``path``
+    saves the figure holding them. Returns the Axes.
+    """
+    y_scores, x_scores = _scores(result, component), _scores(reference, component)
+    if y_scores.shape != x_scores.shape:
+        raise ValueError(f"{component}: score shapes differ, {y_scores.shape} ({result.label}) vs "
+                         f"{x_scores.shape} ({reference.label})")
+    x, y = x_scores.ravel(), y_scores.ravel()
+    layer = _layer_per_cell(result, component, y_scores.shape)
+    if ax is None:
+        ax = _new_axes((4.6, 3.8))
+    # largest cells last, so that the cells that matter are drawn on top (and layers interleave)
+    order = np.argsort(np.nan_to_num(np.abs(x) + np.abs(y)), kind="stable")
+    x, y, layer = x[order], y[order], layer[order]
+
+    size = 16 if x.size <= 2_000 else 6 if x.size <= 50_000 else 2
+    points = ax.scatter(
+        x, y, c=layer, cmap=LAYER_CMAP, norm=layer_norm or _layer_norm([result]),
+        s=size, alpha=0.8, linewidths=0, rasterized=x.size > 5_000,
+    )
+    finite = np.isfinite(x) & np.isfinite(y)
+    if finite.any():
+        low = float(min(x[finite].min(), y[finite].min()))
+        high = float(max(x[finite].max(), y[finite].max()))
+        pad = 0.05 * (high - low) if high > low else 1.0
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], ls="--", lw=1, color="0.4", zorder=0, label="y = x")
+    ax.axhline(0, color="0.85", lw=0.8, zorder=-1)
+    ax.axvline(0, color="0.85", lw=0.8, zorder=-1)
+
+    y_name, x_name = _method_names(result, reference)
+    ax.set_xlabel(f"{x_name} score")
+    ax.set_ylabel(f"{y_name} score")
+    for axis in (ax.xaxis, ax.yaxis):  # few ticks, and an offset factor (x1e-4) rather than long decimals
+        axis.set_major_locator(MaxNLocator(nbins=5))
+    ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3), useMathText=True)
+    ax.tick_params(labelsize=8)
+    pearson, spearman = _correlations(x[finite], y[finite])
+    ax.set_title(
+        title if title is not None else f"{y_name} vs {x_name} · {component}\nr = {pearson:.3f}, ρ = {spearman:.3f}",
+        fontsize=10,
+    )
+    if colorbar:
+        bar = ax.figure.colorbar(points, ax=ax, fraction=0.05, pad=0.02)
+        bar.set_label("layer", fontsize=9)
+        bar.ax.tick_params(labelsize=8)
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
+    _save(ax.figure, path)
+    return ax
+
+
+def plot_agreement(
+    results,
+    reference,
+    components: Sequence[str] | str | None = None,
+    *,
+    axes=None,
+    title: str | None = None,
+    path=None,
+) -> Figure:
+    """A grid of :func:`plot_scatter` panels: one row per result in ``results``, one column per component.
+
+    ``results`` is a list of results (e.g. ``[atp, relp]``; a single result is accepted) and
+    ``reference`` the result on the x axis (usually activation patching). ``components`` defaults to
+    the components that every result and the reference share. One colour bar for the layer serves the
+    whole grid. ``axes`` (a [rows, columns] array of Axes) draws into existing axes. Returns the
+    Figure; saves it only if ``path`` is given.
+    """
+    if not isinstance(results, (list, tuple)):
+        results = [results]
+    if not results:
+        raise ValueError("no results to compare")
+    if components is None:
+        components = [c for c in results[0].scores if c in reference.scores and all(c in r.scores for r in results)]
+        if not components:
+            raise ValueError(f"no component shared by all results and the reference {list(reference.scores)}")
+    elif isinstance(components, str):
+        components = [components]
+    components = list(components)
+    for r in [*results, reference]:
+        for component in components:
+            _scores(r, component)
+
+    nrows, ncols = len(results), len(components)
+    if axes is None:
+        fig = Figure(figsize=(3.9 * ncols + 0.8, 3.5 * nrows + 0.5), layout="constrained")
+        grid = fig.subplots(nrows, ncols, squeeze=False)
+    else:
+        grid = np.asarray(axes, dtype=object).reshape(nrows, ncols) if np.size(axes) == nrows * ncols else None
+        if grid is None:
+            raise ValueError(f"{nrows} results x {ncols} components need {nrows * ncols} axes; got {np.size(axes)}")
+        fig = grid[0, 0].figure
+    norm = _layer_norm([*results, reference])
+    for row, result in zip(grid, results):
+        for ax, component in zip(row, components):
+            plot_scatter(result, reference, component, ax=ax, colorbar=False, layer_norm=norm)
+    mappable = grid[0, 0].collections[0]
+    bar = fig.colorbar(mappable, ax=list(grid.ravel()), fraction=0.03, pad=0.01, aspect=40)
+    bar.set_label("layer")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    if title is None and axes is None:
+        model = f" on {reference.model}" if reference.model else ""
+        title = f"Agreement with {reference.label}{model} — metric {reference.metric}, one point per cell"
+    if title:
+        fig.suptitle(title, fontsize=12)
+    _save(fig, path)
+    return fig
