@@ -208,10 +208,13 @@ def plot_heatmap(
         step = max(1, math.ceil(n_columns / 40))
         ax.set_xticks(range(0, n_columns, step), xlabels[::step], parse_math=False)
         ax.tick_params(axis="x", labelsize=8 if n_columns <= 30 else 6)
+        multiline = any("\n" in label for label in xlabels)
         for label in ax.get_xticklabels():
             label.set_rotation(55)
             label.set_horizontalalignment("right")
             label.set_rotation_mode("anchor")
+            if multiline:  # centre each block of lines on its tick, or the second lines drift into the next
+                label.set_verticalalignment("center")
     else:
         step = max(1, math.ceil(n_columns / 32))
         ax.set_xticks(range(0, n_columns, step), xlabels[::step])
