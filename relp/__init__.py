@@ -10,13 +10,18 @@
 
 from relp.components import BLOCK_COMPONENTS, COMPONENTS
 from relp.metrics import KLToClean, LogitDiff, NormalizedLogitDiff, ProbDiff, agreement
-from relp.models import to_tokens
+from relp.models import EMBEDDED_MODEL_NAME, HubUnavailableError, default_cache_dir, load_model, to_tokens
 from relp.patching import activation_patching, attribution_patching, relevance_patching
-from relp.results import PatchingResult
+from relp.results import PatchingResult, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
 
 __all__ = [
     "BLOCK_COMPONENTS",
+    "EMBEDDED_MODEL_NAME",
+    "HubUnavailableError",
+    "default_cache_dir",
+    "load_model",
+    "pool_results",
     "COMPONENTS",
     "KLToClean",
     "LogitDiff",

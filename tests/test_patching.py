@@ -76,6 +76,15 @@ def test_noising_direction_matches_transformer_lens(model64, float64_default):
     torch.testing.assert_close(ours["resid_pre"].double(), theirs.double(), rtol=1e-9, atol=1e-9)
 
 
+def test_replaying_early_blocks_does_not_change_activation_patching(model64):
+    clean, corrupted, metric = _prompts(model64)
+    components = ["resid_pre", "resid_mid", "mlp_out", "head"]
+    fast = relp.activation_patching(model64, clean, corrupted, metric, components, progress=False)
+    slow = relp.activation_patching(model64, clean, corrupted, metric, components, progress=False, skip_early_layers=False)
+    for component in components:
+        torch.testing.assert_close(fast[component], slow[component], rtol=1e-9, atol=1e-12)
+
+
 def test_batch_size_does_not_change_activation_patching(model64):
     clean, corrupted, metric = _prompts(model64)
     one = relp.activation_patching(model64, clean, corrupted, metric, ["resid_pre", "head"], batch_size=1, progress=False)
