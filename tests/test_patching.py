@@ -85,6 +85,16 @@ def test_replaying_early_blocks_does_not_change_activation_patching(model64):
         torch.testing.assert_close(fast[component], slow[component], rtol=1e-9, atol=1e-12)
 
 
+def test_keeping_only_the_last_logits_does_not_change_a_last_token_metric(model64):
+    clean, corrupted, metric = _prompts(model64)
+    full = relp.activation_patching(model64, clean, corrupted, metric, ["resid_pre", "attn_out"], progress=False)
+    last = relp.activation_patching(model64, clean, corrupted, metric, ["resid_pre", "attn_out"], progress=False, logits_to_keep=1)
+    for component in ("resid_pre", "attn_out"):
+        torch.testing.assert_close(full[component], last[component], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="logits_to_keep must be in 1..7"):
+        relp.activation_patching(model64, clean, corrupted, metric, ["resid_pre"], progress=False, logits_to_keep=9)
+
+
 def test_batch_size_does_not_change_activation_patching(model64):
     clean, corrupted, metric = _prompts(model64)
     one = relp.activation_patching(model64, clean, corrupted, metric, ["resid_pre", "head"], batch_size=1, progress=False)

@@ -101,7 +101,9 @@ def run(args: argparse.Namespace, model=None) -> dict:
         for method in args.methods:
             kwargs = {"components": args.components}
             if method == "ap":
-                kwargs.update(batch_size=args.batch_size, progress=True)
+                # the metric reads only the last token (END), so only its logits are computed
+                assert all(position == batch.length - 1 for position in batch.positions["END"].tolist())
+                kwargs.update(batch_size=args.batch_size, progress=True, logits_to_keep=1)
             if method == "relp":
                 kwargs.update(rules=args.rules)
             print(f"  batch {index + 1}/{len(batches)} ({len(batch)} prompts, {batch.length} tokens): {method}")
