@@ -6,6 +6,7 @@ import sys
 
 EXPERIMENTS = {
     "ioi": "relp.experiments.ioi",
+    "faithfulness": "relp.experiments.faithfulness",
 }
 
 

@@ -1,0 +1,258 @@
+"""Circuit faithfulness on IOI (MIB's CPR and CMD): which method's scores pick out circuits that work?
+
+Every method scores the nodes on a set of scoring prompts; the circuits made of its top k% nodes
+(k in MIB's grid 0.1 ... 100) are then evaluated on *held-out* IOI prompts, with every other node
+ablated (``--ablation``, default: the corrupted prompt's activation). The metric is the logit
+difference ``logit[IO] - logit[S]`` at the last token, averaged over prompts (as in MIB's IOI).
+CPR is the area under f(k) for circuits ranked by signed score, CMD the area under |1 - f(k)| for
+circuits ranked by |score|; random node orders give the baseline (mean and standard deviation over
+``--seeds``).
+
+Nodes (default): ``attn_out`` and ``mlp_out`` at every (layer, position), so scoring and evaluation
+prompts share one layout (the most common layout among generated prompts is used). With
+``--summed`` the nodes are summed over positions (e.g. ``--components head mlp_out --summed`` for
+MIB's heads + MLPs) and prompts of every layout are used.
+
+    python -m relp faithfulness --out runs/faithfulness     # the embedded SmolLM2, default settings
+    python experiments/faithfulness.py --model gpt2 --components head mlp_out --summed
+
+Writes faithfulness.json ({method: {"cpr", "cmd", "curve": [[k, f], ...], "seconds", ...}, "random":
+{...}}), faithfulness.md (the table), run.json (settings, timings, m(M), m(empty)), faithfulness.png
+(the curves), circuits/<method>.json (MIB JSON: scores, top ``--export-percent``% in the graph) and
+scores/<method>_batch<i>.pt (the PatchingResults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+METHODS = {"ap": "activation_patching", "atp": "attribution_patching", "relp": "relevance_patching"}
+LABELS = {"ap": "AP", "atp": "AtP", "relp": "RelP"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relp faithfulness", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model spec for relp.load_model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--n-prompts", type=int, default=8, help="IOI prompts to score nodes on (default: 8)")
+    parser.add_argument("--n-eval", type=int, default=16, help="held-out IOI prompts to evaluate circuits on (default: 16)")
+    parser.add_argument("--corruption", default="abc", choices=["abc", "s2_io_flip", "io_s_swap"])
+    parser.add_argument("--templates", default="baba", help="template set (see relp.tasks.TEMPLATE_SETS; default: baba)")
+    parser.add_argument("--components", nargs="+", default=["attn_out", "mlp_out"], help="node types (default: attn_out mlp_out)")
+    parser.add_argument("--summed", action="store_true", help="nodes summed over positions (default: one node per position)")
+    parser.add_argument("--methods", nargs="+", default=["ap", "atp", "relp"], choices=sorted(METHODS))
+    parser.add_argument("--rules", default="relp", help="LRP rule preset for relevance patching (default: relp)")
+    parser.add_argument("--ablation", default="corrupt", choices=["corrupt", "mean", "mean_positional", "zero"])
+    parser.add_argument("--seeds", type=int, default=5, help="random circuits: number of seeds (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt generation seed")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (activation patching and evaluation)")
+    parser.add_argument("--export-percent", type=float, default=5.0, help="circuits/<method>.json: top k%% in the graph (default: 5)")
+    parser.add_argument("--out", default="runs/faithfulness", help="output directory")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
+    return parser
+
+
+def _versions() -> dict:
+    from relp.experiments.ioi import _versions as versions
+
+    return versions()
+
+
+def _split_prompts(model, args):
+    """(scoring batches, evaluation batches, description): disjoint prompts; one layout when per position."""
+    from relp.tasks import make_ioi_dataset
+
+    needed = args.n_prompts + args.n_eval
+    if args.n_prompts < 1 or args.n_eval < 1:
+        raise SystemExit(f"need at least one scoring and one evaluation prompt; got {args.n_prompts} and {args.n_eval}")
+    if args.summed:
+        data = make_ioi_dataset(model, needed, corruption=args.corruption, seed=args.seed, templates=args.templates)
+        scoring, evaluation = data[: args.n_prompts], data[args.n_prompts :]
+        return list(scoring.batches()), list(evaluation.batches()), f"{len(data)} prompts, all layouts"
+    n = needed
+    for _ in range(8):  # generate more prompts until one layout has enough of them
+        data = make_ioi_dataset(model, n, corruption=args.corruption, seed=args.seed, templates=args.templates)
+        layouts = Counter(example.layout for example in data)
+        layout, count = max(layouts.items(), key=lambda item: (item[1], -item[0][0]))
+        if count >= needed:
+            break
+        n *= 2
+    else:
+        raise SystemExit(f"no prompt layout has {needed} prompts among {n} generated; lower --n-prompts/--n-eval or use --summed")
+    chosen = [i for i, example in enumerate(data) if example.layout == layout][:needed]
+    scoring, evaluation = data[chosen[: args.n_prompts]], data[chosen[args.n_prompts :]]
+    names = ", ".join(f"{k}@{v}" for k, v in layout[1])
+    return [scoring], [evaluation], f"one layout ({layout[0]} tokens, {names}) of {n} generated prompts"
+
+
+def run(args: argparse.Namespace, model=None) -> dict:
+    """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests)."""
+    import relp
+    from relp.circuits import empty_circuit, select_circuit, to_mib_json
+    from relp.faithfulness import CircuitEvaluator, PooledEvaluator, cpr_cmd, random_baseline
+    from relp.metrics import LogitDiff
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if model is None:
+        model = relp.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    load_seconds = time.perf_counter() - started
+    model_name = str(args.model or model.cfg.model_name)
+    scoring_batches, eval_batches, prompt_note = _split_prompts(model, args)
+    per_position = not args.summed
+    print(
+        f"{model_name}: {args.n_prompts} scoring + {args.n_eval} held-out IOI prompts ({args.corruption}, {prompt_note}); "
+        f"nodes {'+'.join(args.components)} {'per position' if per_position else 'summed over positions'}; "
+        f"ablation {args.ablation}"
+    )
+
+    # --- scoring ---
+    results: dict[str, list] = {}
+    scoring_seconds: dict[str, float] = {}
+    for method in args.methods:
+        results[method] = []
+        t0 = time.perf_counter()
+        for index, batch in enumerate(scoring_batches):
+            metric = LogitDiff(batch.answer_tokens, batch.wrong_tokens)
+            kwargs = {"components": args.components}
+            if method == "ap":
+                assert all(p == batch.length - 1 for p in batch.positions["END"].tolist())  # metric reads the last token
+                kwargs.update(batch_size=args.batch_size, progress=True, logits_to_keep=1)
+            if method == "relp":
+                kwargs.update(rules=args.rules)
+            result = getattr(relp, METHODS[method])(model, batch.clean_tokens, batch.corrupted_tokens, metric, **kwargs)
+            results[method].append(result)
+        scoring_seconds[method] = time.perf_counter() - t0
+        print(f"  {LABELS[method]} scores: {scoring_seconds[method]:.1f} s")
+
+    # --- evaluation: one evaluator per layout batch, caches shared by every method and seed ---
+    evaluators = [
+        CircuitEvaluator(
+            model, batch.clean_tokens, batch.corrupted_tokens, LogitDiff(batch.answer_tokens, batch.wrong_tokens),
+            ablation=args.ablation, batch_size=args.batch_size, logits_to_keep=1,
+        )
+        for batch in eval_batches
+    ]
+    evaluator = evaluators[0] if len(evaluators) == 1 else PooledEvaluator(evaluators)
+    template = empty_circuit(results[args.methods[0]], args.components, per_position=per_position)
+    t0 = time.perf_counter()
+    m_empty, m_full = evaluator.values([template.empty(), template.full()]).tolist()
+    shared_seconds = time.perf_counter() - t0
+    print(f"  m(M) = {m_full:.4f}, m(empty) = {m_empty:.4f} over {template.n_total} nodes ({shared_seconds:.1f} s)")
+
+    table: dict[str, dict] = {}
+    summaries = {}
+    for method in args.methods:
+        summary = cpr_cmd(evaluator, results[method], components=args.components, per_position=per_position, label=LABELS[method])
+        summaries[method] = summary
+        entry = summary.to_dict()
+        entry["scoring_seconds"] = scoring_seconds[method]
+        entry["evaluation_seconds"] = summary.seconds
+        entry["seconds"] = scoring_seconds[method] + summary.seconds
+        table[method] = entry
+        print(f"  {LABELS[method]}: CPR {summary.cpr:.3f}, CMD {summary.cmd:.3f} (evaluation {summary.seconds:.1f} s)")
+        circuit = select_circuit(results[method], percent=args.export_percent, components=args.components, per_position=per_position)
+        to_mib_json(circuit, out / "circuits" / f"{method}.json", model=model)
+    baseline = random_baseline(evaluator, template, seeds=args.seeds)
+    table["random"] = baseline.to_dict()
+    print(f"  random: CPR {baseline.cpr[0]:.3f} ± {baseline.cpr[1]:.3f}, CMD {baseline.cmd[0]:.3f} ± {baseline.cmd[1]:.3f} ({baseline.seconds:.1f} s)")
+    total_seconds = time.perf_counter() - started
+
+    forward_passes = sum(e.forward_passes for e in evaluators)
+    run_info = {
+        "model": model_name,
+        "n_prompts": args.n_prompts,
+        "n_eval": args.n_eval,
+        "prompts": prompt_note,
+        "corruption": args.corruption,
+        "templates": args.templates,
+        "seed": args.seed,
+        "components": list(args.components),
+        "per_position": per_position,
+        "n_nodes": template.n_total,
+        "ablation": args.ablation,
+        "rules": args.rules,
+        "metric": "logit_diff (IO - S, last token, mean over prompts)",
+        "m_full": m_full,
+        "m_empty": m_empty,
+        "random_seeds": args.seeds,
+        "timings_s": {
+            "load": load_seconds,
+            "scoring": scoring_seconds,
+            "evaluation": {m: s.seconds for m, s in summaries.items()},
+            "shared_full_and_empty": shared_seconds,
+            "random": baseline.seconds,
+            "total": total_seconds,
+        },
+        "evaluation_forward_passes": forward_passes,
+        "versions": _versions(),
+    }
+    (out / "faithfulness.json").write_text(json.dumps(table, indent=2))
+    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    markdown = results_markdown(table, run_info)
+    (out / "faithfulness.md").write_text(markdown)
+    for method, rs in results.items():
+        for i, result in enumerate(rs):
+            result.save(out / "scores" / f"{method}_batch{i}.pt")
+    if not args.no_figures:
+        from relp.faithfulness import plot_faithfulness
+
+        plot_faithfulness(
+            {LABELS[m]: s for m, s in summaries.items()}, baseline,
+            title=f"{model_name}: IOI, {'+'.join(args.components)}, {args.ablation} ablation",
+            path=out / "faithfulness.png",
+        )
+    print(markdown)
+    print(f"wrote {out}/ in {total_seconds:.0f} s")
+    return {"table": table, "run": run_info}
+
+
+def results_markdown(table: dict, run_info: dict) -> str:
+    """The CPR/CMD table with the random baseline and each method's time."""
+    lines = [
+        f"# IOI circuit faithfulness ({run_info['model']})",
+        "",
+        f"Nodes: {'+'.join(run_info['components'])} {'per position' if run_info['per_position'] else 'summed over positions'} "
+        f"({run_info['n_nodes']} nodes); scores on {run_info['n_prompts']} prompts, circuits evaluated on "
+        f"{run_info['n_eval']} held-out prompts ({run_info['prompts']}); `{run_info['ablation']}` ablation; "
+        f"metric: logit difference, m(M) = {run_info['m_full']:.3f}, m(empty) = {run_info['m_empty']:.3f}.",
+        "",
+        "| method | CPR (signed, higher is better) | CMD (absolute, lower is better) | seconds (scoring + evaluation) |",
+        "|---|---|---|---|",
+    ]
+    for method, entry in table.items():
+        if method == "random":
+            continue
+        lines.append(
+            f"| {LABELS.get(method, method)} | {entry['cpr']:.3f} | {entry['cmd']:.3f} | "
+            f"{entry['seconds']:.1f} ({entry['scoring_seconds']:.1f} + {entry['evaluation_seconds']:.1f}) |"
+        )
+    r = table["random"]
+    lines.append(
+        f"| random ({len(r['seeds'])} seeds) | {r['cpr_mean']:.3f} ± {r['cpr_std']:.3f} | {r['cmd_mean']:.3f} ± "
+        f"{r['cmd_std']:.3f} | {r['seconds']:.1f} |"
+    )
+    timings = run_info["timings_s"]
+    lines += [
+        "",
+        f"Total wall time {timings['total']:.0f} s (model load {timings['load']:.0f} s, m(M) and m(empty) "
+        f"{timings['shared_full_and_empty']:.1f} s, {run_info['evaluation_forward_passes']} evaluation forward passes).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
