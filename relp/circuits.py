@@ -55,6 +55,7 @@ the score of its sending node (``input``: 0).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -151,9 +152,9 @@ def _node_source(source, components=None, per_position: bool = True) -> _Source:
     if not sources:
         raise ValueError("empty score map: no results given")
     parts = [_as_score_tensors(s) for s in sources]
-    chosen = list(components) if components is not None else list(parts[0][0])
     if isinstance(components, str):
-        chosen = [components]
+        components = [components]
+    chosen = list(components) if components is not None else list(parts[0][0])
     if not chosen:
         raise ValueError("empty score map: no components to select nodes from")
     check_node_components(chosen)
@@ -323,7 +324,7 @@ class Circuit:
         names = []
         for component, mask in self.nodes.items():
             axes = node_axes(component, self.per_position)
-            for index in itertools_product(mask.shape):
+            for index in _cells(mask.shape):
                 if in_graph_only and not mask[index]:
                     continue
                 names.append(node_name(component, dict(zip(axes, index)), self.layers))
@@ -347,9 +348,8 @@ class Circuit:
         return from_mib_json(source)
 
 
-def itertools_product(shape: Sequence[int]):
-    import itertools
-
+def _cells(shape: Sequence[int]):
+    """Every index of a tensor of `shape`, in C order."""
     return itertools.product(*map(range, shape))
 
 
@@ -573,7 +573,7 @@ def to_mib_json(circuit, path=None, *, model=None, cfg: Mapping | None = None, e
     for component, mask in circuit.nodes.items():
         axes = node_axes(component, circuit.per_position)
         scores = circuit.scores[component] if circuit.scores is not None else None
-        for index in itertools_product(mask.shape):
+        for index in _cells(mask.shape):
             name = node_name(component, dict(zip(axes, index)), circuit.layers)
             entry = {"in_graph": bool(mask[index])}
             if scores is not None:

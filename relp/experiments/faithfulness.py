@@ -39,8 +39,8 @@ LABELS = {"ap": "AP", "atp": "AtP", "relp": "RelP"}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relp faithfulness", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model spec for relp.load_model (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--n-prompts", type=int, default=8, help="IOI prompts to score nodes on (default: 8)")
-    parser.add_argument("--n-eval", type=int, default=16, help="held-out IOI prompts to evaluate circuits on (default: 16)")
+    parser.add_argument("--n-prompts", type=int, default=4, help="IOI prompts to score nodes on (default: 4)")
+    parser.add_argument("--n-eval", type=int, default=8, help="held-out IOI prompts to evaluate circuits on (default: 8)")
     parser.add_argument("--corruption", default="abc", choices=["abc", "s2_io_flip", "io_s_swap"])
     parser.add_argument("--templates", default="baba", help="template set (see relp.tasks.TEMPLATE_SETS; default: baba)")
     parser.add_argument("--components", nargs="+", default=["attn_out", "mlp_out"], help="node types (default: attn_out mlp_out)")
@@ -60,9 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _versions() -> dict:
-    from relp.experiments.ioi import _versions as versions
+    import platform
 
-    return versions()
+    import transformer_lens
+    import transformers
+
+    import relp
+
+    return {
+        "relp": relp.__version__,
+        "torch": torch.__version__,
+        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _split_prompts(model, args):
@@ -137,7 +148,7 @@ def run(args: argparse.Namespace, model=None) -> dict:
     evaluators = [
         CircuitEvaluator(
             model, batch.clean_tokens, batch.corrupted_tokens, LogitDiff(batch.answer_tokens, batch.wrong_tokens),
-            ablation=args.ablation, batch_size=args.batch_size, logits_to_keep=1,
+            ablation=args.ablation, batch_size=args.batch_size, logits_to_keep=1, progress=True,
         )
         for batch in eval_batches
     ]
