@@ -8,7 +8,16 @@
 >>> relp.agreement(rp, ap)
 """
 
+from relp.circuits import Circuit, from_mib_json, node_scores, select_circuit, to_mib_json
 from relp.components import BLOCK_COMPONENTS, COMPONENTS
+from relp.faithfulness import (
+    ABLATIONS,
+    MIB_PERCENTAGES,
+    CircuitEvaluator,
+    cpr_cmd,
+    faithfulness_curve,
+    random_baseline,
+)
 from relp.metrics import KLToClean, LogitDiff, NormalizedLogitDiff, ProbDiff, agreement
 from relp.models import EMBEDDED_MODEL_NAME, HubUnavailableError, default_cache_dir, load_model, to_tokens
 from relp.patching import activation_patching, attribution_patching, relevance_patching
@@ -16,6 +25,17 @@ from relp.results import PatchingResult, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
 
 __all__ = [
+    "ABLATIONS",
+    "Circuit",
+    "CircuitEvaluator",
+    "MIB_PERCENTAGES",
+    "cpr_cmd",
+    "faithfulness_curve",
+    "from_mib_json",
+    "node_scores",
+    "random_baseline",
+    "select_circuit",
+    "to_mib_json",
     "BLOCK_COMPONENTS",
     "EMBEDDED_MODEL_NAME",
     "HubUnavailableError",

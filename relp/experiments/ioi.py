@@ -34,7 +34,7 @@ PAPER_GPT2_SMALL = {  # Pearson r with activation patching, IOI, from the RelP p
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relp ioi", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model spec for relp.load_model (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--n-prompts", type=int, default=24, help="number of IOI prompts (default: 24)")
+    parser.add_argument("--n-prompts", type=int, default=16, help="number of IOI prompts (default: 16)")
     parser.add_argument("--corruption", default="abc", choices=["abc", "s2_io_flip", "io_s_swap"])
     parser.add_argument("--templates", default="baba", help="template set (see relp.tasks.TEMPLATE_SETS; default: baba)")
     parser.add_argument("--components", nargs="+", default=["resid_pre", "attn_out", "mlp_out"], help="components to score (add 'head' for heads)")
