@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,19 +64,179 @@ class PatchingResult:
             raise KeyError(f"no scores for {component!r}; this result has {list(self.scores)}")
         return self.scores[component]
 
+    # --- display -------------------------------------------------------------------------------
+
+    def _summary_line(self) -> str:
+        parts = [f"metric {self.metric}", self.direction]
+        if self.rules:
+            parts.append(f"rules {'+'.join(self.rules)}")
+        n_prompts, n_positions = self.metadata.get("n_prompts"), self.metadata.get("n_positions")
+        if n_prompts is not None and n_positions is not None:
+            parts.append(f"{n_prompts} prompt{'s' if n_prompts != 1 else ''} x {n_positions} tokens")
+        if self.metadata.get("pooled"):
+            parts.append(f"{self.metadata['pooled']} batches pooled")
+        if not math.isnan(self.seconds):
+            parts.append(f"{self.seconds:.2f} s")
+        return ", ".join(parts)
+
+    def _component_rows(self) -> list[dict]:
+        """Per component: its shape, score range and strongest cell (for repr and HTML)."""
+        rows = []
+        for name, tensor in self.scores.items():
+            shape = " x ".join(f"{axis} {n}" for axis, n in zip(self.axes[name], tensor.shape))
+            row = {"component": name, "shape": shape, "min": float("nan"), "max": float("nan"), "top": None}
+            if tensor.numel():
+                values = tensor.detach().cpu().double()
+                finite = values[torch.isfinite(values)]
+                if finite.numel():
+                    row["min"], row["max"] = finite.min().item(), finite.max().item()
+                best = self.top(1, name)
+                if len(best):
+                    row["top"] = (best["name"].iloc[0], float(best["score"].iloc[0]))
+            rows.append(row)
+        return rows
+
     def __repr__(self) -> str:
-        shapes = ", ".join(
-            f"{name}[{' x '.join(f'{a}={n}' for a, n in zip(self.axes[name], tensor.shape))}]"
-            for name, tensor in self.scores.items()
-        )
-        rules = f", rules={'+'.join(self.rules)}" if self.rules else ""
+        head = f"PatchingResult: {self.label} on {self.model or 'a model'} ({self._summary_line()})"
+        rows = self._component_rows()
+        if not rows:
+            return head + "\n  (no scores)"
+        width_name = max(len(r["component"]) for r in rows)
+        width_shape = max(len(r["shape"]) for r in rows)
+        lines = [head]
+        for r in rows:
+            top = f"strongest {r['top'][0]} = {r['top'][1]:+.4g}" if r["top"] else "no finite scores"
+            lines.append(f"  {r['component']:<{width_name}}  [{r['shape']}]{' ' * (width_shape - len(r['shape']))}  {top}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        rows = []
+        for r in self._component_rows():
+            name, score = (r["top"] if r["top"] else ("", float("nan")))
+            rows.append(
+                "<tr>" + "".join(
+                    f"<td style='text-align:left'>{html.escape(str(cell))}</td>"
+                    for cell in (r["component"], r["shape"], f"{r['min']:.4g}", f"{r['max']:.4g}", name, f"{score:+.4g}")
+                ) + "</tr>"
+            )
+        header = "".join(f"<th style='text-align:left'>{h}</th>" for h in
+                         ("component", "scores", "min", "max", "strongest cell", "score"))
+        title = html.escape(f"{self.label} on {self.model or 'a model'}")
         return (
-            f"PatchingResult({self.label} on {self.model or 'model'}, metric={self.metric}, "
-            f"direction={self.direction}{rules}, {self.seconds:.2f}s: {shapes})"
+            f"<div><b>PatchingResult</b>: {title} <span style='color:gray'>({html.escape(self._summary_line())})</span>"
+            f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            "<span style='color:gray;font-size:smaller'><code>.top(k)</code>: strongest cells; "
+            "<code>.to_dataframe()</code>: every cell; <code>result[component]</code>: score tensor</span></div>"
         )
 
+    # --- cells and tables --------------------------------------------------------------------------
+
+    def position_labels(self, n_positions: int | None = None) -> tuple[str, ...] | None:
+        """Named positions (IOI: BOS, IO, S1, S2, END, "other"), from ``metadata["position_labels"]``.
+
+        None when the result carries none (or, given ``n_positions``, when their number differs).
+        """
+        labels = self.metadata.get("position_labels")
+        if not labels:
+            return None
+        labels = tuple(str(label) for label in labels)
+        return labels if n_positions is None or len(labels) == n_positions else None
+
+    def _layer_numbers(self, n_layers: int) -> np.ndarray:
+        return np.asarray(self.layers if len(self.layers) == n_layers else range(n_layers))
+
+    def top(
+        self,
+        k: int = 10,
+        components: str | list[str] | tuple[str, ...] | None = None,
+        *,
+        sign: str = "abs",
+        position_labels=None,
+    ):
+        """The `k` strongest cells as a DataFrame, strongest first, each with a readable name.
+
+        ``sign="abs"`` (default) ranks by |score|, ``"positive"`` by score (the cells that raise the
+        metric most), ``"negative"`` by -score. ``components`` restricts the ranking to some
+        components (default: all; their scores are all in the metric's units). Names read
+        ``L12 resid_pre @ 5 ' John'``, ``L12H3 @ S2 ' John'`` (head 3 of layer 12 at the position named
+        S2) and ``L3N1021 @ END ' to'`` (neuron 1021 of layer 3); positions are named when labels are
+        known (``position_labels=``, else ``metadata["position_labels"]`` as the IOI experiment
+        records), else numbered, followed by the token when ``tokens`` are known. Columns: ``name``,
+        ``score``, ``component``, ``layer``, ``position``, ``head``/``neuron`` (when such components are
+        ranked), ``position_label`` and ``token`` (when known). NaN scores are never ranked.
+        """
+        import pandas as pd
+
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer; got {k!r}")
+        if sign not in ("abs", "positive", "negative"):
+            raise ValueError(f"sign must be 'abs', 'positive' or 'negative'; got {sign!r}")
+        if components is None:
+            names = list(self.scores)
+        else:
+            names = [components] if isinstance(components, str) else list(components)
+            for name in names:
+                self[name]  # KeyError naming the available components
+        candidates = []  # (key, order, component, flat index) for each component's best k cells
+        for order, name in enumerate(names):
+            values = self.scores[name].detach().cpu().double().numpy().ravel()
+            key = {"abs": np.abs(values), "positive": values, "negative": -values}[sign]
+            valid = np.flatnonzero(~np.isnan(values))
+            best = valid[np.argsort(-key[valid], kind="stable")[:k]]
+            candidates += [(key[i], order, name, int(i)) for i in best]
+        candidates.sort(key=lambda c: (-c[0], c[1], c[3]))
+        rows = []
+        for _, _, name, flat in candidates[:k]:
+            tensor = self.scores[name]
+            index = np.unravel_index(flat, tuple(tensor.shape))
+            cell = dict(zip(self.axes[name], (int(i) for i in index)))
+            n_positions = tensor.shape[self.axes[name].index("position")]
+            labels = self._labels_for(n_positions, position_labels)
+            tokens = self.tokens if len(self.tokens) == n_positions else None
+            position = cell["position"]
+            row = {
+                "name": "",
+                "score": float(tensor.reshape(-1)[flat]),
+                "component": name,
+                "layer": int(self._layer_numbers(tensor.shape[0])[cell["layer"]]),
+                "position": position,
+            }
+            if "head" in cell:
+                row["head"] = cell["head"]
+            if "neuron" in cell:
+                row["neuron"] = cell["neuron"]
+            if labels is not None:
+                row["position_label"] = labels[position]
+            if tokens is not None:
+                row["token"] = tokens[position]
+            row["name"] = cell_name(
+                name, row["layer"], position, head=row.get("head"), neuron=row.get("neuron"),
+                label=row.get("position_label"), token=row.get("token"),
+            )
+            rows.append(row)
+        columns = ["name", "score", "component", "layer", "position"]
+        columns += [c for c in ("head", "neuron", "position_label", "token") if any(c in r for r in rows)]
+        frame = pd.DataFrame(rows, columns=columns)
+        for column in ("head", "neuron"):
+            if column in frame:
+                frame[column] = frame[column].astype("Int64")
+        frame.index = pd.RangeIndex(1, len(frame) + 1, name="rank")
+        return frame
+
+    def _labels_for(self, n_positions: int, position_labels) -> tuple[str, ...] | None:
+        if position_labels is not None:
+            labels = tuple(str(label) for label in position_labels)
+            if len(labels) != n_positions:
+                raise ValueError(f"position_labels has {len(labels)} labels; the scores have {n_positions} positions")
+            return labels
+        return self.position_labels(n_positions)
+
     def to_dataframe(self):
-        """Long table: one row per scored cell, columns component, layer, position, head, neuron, score."""
+        """Long table: one row per scored cell, columns component, layer, position, head, neuron, score,
+        plus token (when ``tokens`` are known), position_label (when position labels are) and method.
+        For the strongest cells with readable names, see :meth:`top`."""
         import pandas as pd
 
         frames = []
@@ -95,6 +256,9 @@ class PatchingResult:
         if self.tokens and "position" in df:
             labels = np.asarray(self.tokens, dtype=object)
             df["token"] = labels[df["position"].to_numpy()] if len(labels) > df["position"].max() else None
+        named = self.position_labels()
+        if named and "position" in df and len(named) > df["position"].max():
+            df["position_label"] = np.asarray(named, dtype=object)[df["position"].to_numpy()]
         df["method"] = self.label
         return df
 
@@ -118,6 +282,24 @@ class PatchingResult:
         for key in ("rules", "layers", "tokens"):
             payload[key] = tuple(payload[key])
         return cls(**payload)
+
+
+def cell_name(component: str, layer: int, position: int, *, head: int | None = None, neuron: int | None = None,
+              label: str | None = None, token: str | None = None) -> str:
+    """A readable name of one cell: ``L12 resid_pre @ 5 ' John'``, ``L12H3 @ S2 ' John'``, ``L3N1021 @ 7``.
+
+    The position is shown by its label (IO, S1, S2, END, BOS) when one is given and is not "other",
+    else by its index; the token follows when given.
+    """
+    if head is not None:
+        where = f"L{layer}H{head}"
+    elif neuron is not None:
+        where = f"L{layer}N{neuron}"
+    else:
+        where = f"L{layer} {component}"
+    at = label if label and label != "other" else str(position)
+    return f"{where} @ {at}" + (f" {token!r}" if token is not None else "")
+
 
 
 def pool_results(results: "list[PatchingResult]") -> PatchingResult:
