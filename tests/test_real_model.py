@@ -18,7 +18,8 @@ def smollm():
 
 @pytest.fixture(scope="module")
 def ioi_batch(smollm):
-    data = make_ioi_dataset(smollm, 6, corruption="abc", templates=["baba_00"], seed=1)
+    # the IOI experiment's default protocol: S2 replaced by the IO name (the answer flips)
+    data = make_ioi_dataset(smollm, 6, corruption="s2_io_flip", templates=["baba_00"], seed=1)
     (batch,) = list(data.batches())
     return batch
 

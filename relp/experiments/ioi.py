@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relp ioi", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model spec for relp.load_model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--n-prompts", type=int, default=16, help="number of IOI prompts (default: 16)")
-    parser.add_argument("--corruption", default="abc", choices=["abc", "s2_io_flip", "io_s_swap"])
+    parser.add_argument("--corruption", default="s2_io_flip", choices=["abc", "s2_io_flip", "io_s_swap"], help="default: s2_io_flip, the corruption of the paper's demo (S2 replaced by IO, which flips the answer)")
     parser.add_argument("--templates", default="baba", help="template set (see relp.tasks.TEMPLATE_SETS; default: baba)")
     parser.add_argument("--components", nargs="+", default=["resid_pre", "attn_out", "mlp_out"], help="components to score (add 'head' for heads)")
     parser.add_argument("--methods", nargs="+", default=["ap", "atp", "relp"], choices=sorted(METHODS))
