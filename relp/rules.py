@@ -281,7 +281,8 @@ def _probe(model, hooks: list[Hook], tokens: torch.Tensor, direction: torch.Tens
         store["x"] = x
         return x
 
-    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", capture), *hooks]):
+    # enable_grad: the check must work when lrp_rules is entered inside torch.no_grad()
+    with torch.enable_grad(), model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", capture), *hooks]):
         logits = model(tokens)
         target = (logits[0, -1].float() * direction).sum()
         (grad,) = torch.autograd.grad(target, store["x"])

@@ -245,6 +245,16 @@ def _n_hooks(model) -> int:
     return sum(len(h._forward_hooks) + len(h._backward_hooks) for h in model.hook_dict.values())
 
 
+def test_rules_can_be_entered_inside_no_grad():
+    model = tiny_model("llama")
+    tokens, _, _ = _prompts(model)
+    with torch.no_grad():
+        plain = model(tokens)
+        with relp.lrp_rules(model, "relp"):
+            ruled = model(tokens)
+    assert torch.equal(plain, ruled)
+
+
 def test_hooks_are_removed_after_an_exception_inside_the_rules_context():
     model = tiny_model("llama")
     assert _n_hooks(model) == 0
