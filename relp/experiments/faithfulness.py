@@ -32,48 +32,27 @@ from pathlib import Path
 
 import torch
 
-METHODS = {"ap": "activation_patching", "atp": "attribution_patching", "relp": "relevance_patching"}
+from relp.experiments.common import CORRUPTIONS, METHODS, add_model_and_method_arguments, versions
+
 LABELS = {"ap": "AP", "atp": "AtP", "relp": "RelP"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relp faithfulness", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model spec for relp.load_model (default: the embedded SmolLM2-135M-Instruct)")
+    add_model_and_method_arguments(parser)
     parser.add_argument("--n-prompts", type=int, default=4, help="IOI prompts to score nodes on (default: 4)")
     parser.add_argument("--n-eval", type=int, default=8, help="held-out IOI prompts to evaluate circuits on (default: 8)")
-    parser.add_argument("--corruption", default="abc", choices=["abc", "s2_io_flip", "io_s_swap"])
-    parser.add_argument("--templates", default="baba", help="template set (see relp.tasks.TEMPLATE_SETS; default: baba)")
+    parser.add_argument("--corruption", default="abc", choices=CORRUPTIONS)
     parser.add_argument("--components", nargs="+", default=["attn_out", "mlp_out"], help="node types (default: attn_out mlp_out)")
     parser.add_argument("--summed", action="store_true", help="nodes summed over positions (default: one node per position)")
-    parser.add_argument("--methods", nargs="+", default=["ap", "atp", "relp"], choices=sorted(METHODS))
-    parser.add_argument("--rules", default="relp", help="LRP rule preset for relevance patching (default: relp)")
     parser.add_argument("--ablation", default="corrupt", choices=["corrupt", "mean", "mean_positional", "zero"])
     parser.add_argument("--seeds", type=int, default=5, help="random circuits: number of seeds (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="prompt generation seed")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (activation patching and evaluation)")
     parser.add_argument("--export-percent", type=float, default=5.0, help="circuits/<method>.json: top k%% in the graph (default: 5)")
     parser.add_argument("--out", default="runs/faithfulness", help="output directory")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
     return parser
-
-
-def _versions() -> dict:
-    import platform
-
-    import transformer_lens
-    import transformers
-
-    import relp
-
-    return {
-        "relp": relp.__version__,
-        "torch": torch.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _split_prompts(model, args):
@@ -204,7 +183,7 @@ def run(args: argparse.Namespace, model=None) -> dict:
             "total": total_seconds,
         },
         "evaluation_forward_passes": forward_passes,
-        "versions": _versions(),
+        "versions": versions(),
     }
     (out / "faithfulness.json").write_text(json.dumps(table, indent=2))
     (out / "run.json").write_text(json.dumps(run_info, indent=2))

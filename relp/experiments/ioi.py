@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-METHODS = {"ap": "activation_patching", "atp": "attribution_patching", "relp": "relevance_patching"}
+from relp.experiments.common import CORRUPTIONS, METHODS, add_model_and_method_arguments, versions
+
 PAPER_GPT2_SMALL = {  # Pearson r with activation patching, IOI, from the RelP paper (GPT-2 small)
     "resid_pre": {"atp": 0.753, "relp": 0.968},
     "attn_out": {"atp": 0.979, "relp": 0.962},
@@ -33,36 +33,16 @@ PAPER_GPT2_SMALL = {  # Pearson r with activation patching, IOI, from the RelP p
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relp ioi", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model spec for relp.load_model (default: the embedded SmolLM2-135M-Instruct)")
+    add_model_and_method_arguments(parser)
     parser.add_argument("--n-prompts", type=int, default=16, help="number of IOI prompts (default: 16)")
-    parser.add_argument("--corruption", default="s2_io_flip", choices=["abc", "s2_io_flip", "io_s_swap"], help="default: s2_io_flip, the corruption of the paper's demo (S2 replaced by IO, which flips the answer)")
-    parser.add_argument("--templates", default="baba", help="template set (see relp.tasks.TEMPLATE_SETS; default: baba)")
+    parser.add_argument("--corruption", default="s2_io_flip", choices=CORRUPTIONS, help="default: s2_io_flip, the corruption of the paper's demo (S2 replaced by IO, which flips the answer)")
     parser.add_argument("--components", nargs="+", default=["resid_pre", "attn_out", "mlp_out"], help="components to score (add 'head' for heads)")
-    parser.add_argument("--methods", nargs="+", default=["ap", "atp", "relp"], choices=sorted(METHODS))
-    parser.add_argument("--rules", default="relp", help="LRP rule preset for relevance patching (default: relp)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass in activation patching")
     parser.add_argument("--top-k", type=int, default=10, help="k of the top-k overlap")
     parser.add_argument("--out", default="runs/ioi", help="output directory")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     return parser
-
-
-def _versions() -> dict:
-    import transformer_lens
-    import transformers
-
-    import relp
-
-    return {
-        "relp": relp.__version__,
-        "torch": torch.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def run(args: argparse.Namespace, model=None) -> dict:
@@ -133,7 +113,7 @@ def run(args: argparse.Namespace, model=None) -> dict:
         "agreement": {},
         "timings_s": {m: sum(r.seconds for r in rs) for m, rs in results.items()},
         "load_seconds": load_seconds,
-        "versions": _versions(),
+        "versions": versions(),
     }
     for method in args.methods:
         if method == "ap":
