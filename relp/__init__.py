@@ -6,6 +6,14 @@
 >>> ap = relp.activation_patching(model, clean, corrupted, metric)
 >>> rp = relp.relevance_patching(model, clean, corrupted, metric)
 >>> relp.agreement(rp, ap)
+
+Embedding models (sentence encoders, or decoders used as embedders): the metric reads a pooled
+sentence embedding instead of logits::
+
+    encoder = relp.load_model("sentence-transformers/all-MiniLM-L6-v2")   # offline, from its package
+    embedding = relp.SentenceEmbedding.from_model(encoder)                 # mean pooling, normalised
+    metric = relp.SimilarityDifference.from_runs(encoder, anchors, clean, corrupted, embedding)
+    rp = relp.relevance_patching(encoder, clean, corrupted, metric)
 """
 
 from relp.circuits import Circuit, from_mib_json, node_scores, select_circuit, to_mib_json
@@ -18,8 +26,25 @@ from relp.faithfulness import (
     faithfulness_curve,
     random_baseline,
 )
-from relp.metrics import KLToClean, LogitDiff, NormalizedLogitDiff, ProbDiff, agreement
-from relp.models import EMBEDDED_MODEL_NAME, HubUnavailableError, default_cache_dir, load_model, to_tokens
+from relp.embeddings import SentenceEmbedding
+from relp.metrics import (
+    CosineSimilarity,
+    EmbeddingDistance,
+    KLToClean,
+    LogitDiff,
+    NormalizedLogitDiff,
+    ProbDiff,
+    SimilarityDifference,
+    agreement,
+)
+from relp.models import (
+    EMBEDDED_ENCODER_NAME,
+    EMBEDDED_MODEL_NAME,
+    HubUnavailableError,
+    default_cache_dir,
+    load_model,
+    to_tokens,
+)
 from relp.patching import activation_patching, attribution_patching, relevance_patching
 from relp.results import PatchingResult, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
@@ -37,7 +62,12 @@ __all__ = [
     "select_circuit",
     "to_mib_json",
     "BLOCK_COMPONENTS",
+    "CosineSimilarity",
+    "EMBEDDED_ENCODER_NAME",
     "EMBEDDED_MODEL_NAME",
+    "EmbeddingDistance",
+    "SentenceEmbedding",
+    "SimilarityDifference",
     "HubUnavailableError",
     "default_cache_dir",
     "load_model",

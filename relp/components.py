@@ -23,6 +23,10 @@ A *cell* is one entry of the score tensor of one layer: a position (block compon
 (head, position) pair, or a (position, neuron) pair. Patching a cell replaces that slice of the
 activation in every prompt of the batch at once.
 
+Some architectures name these hook points differently: ``ARCHITECTURE_HOOKS`` lists the exceptions
+(on BERT, ``attn_out`` is ``blocks.{l}.attn.o.hook_out``, because the bridge's ``hook_attn_out`` there
+already includes the residual sum and the post-attention LayerNorm).
+
 ``head`` uses the per-query-head attention output ``z`` (the input of the output projection), so with
 grouped-query attention each of the ``n_heads`` query heads is its own component even though key and
 value heads are shared. ``neuron`` uses the MLP hidden units that enter the output projection
@@ -31,6 +35,7 @@ value heads are shared. ``neuron`` uses the MLP hidden units that enter the outp
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -105,6 +110,18 @@ COMPONENTS: dict[str, Component] = {
 
 BLOCK_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
 
+#: Per-architecture hook points that differ from the table above (keyed by ``model.cfg.architecture``).
+#: BERT is a post-LayerNorm encoder: the bridge's ``hook_attn_out`` is the output of the whole HF
+#: ``BertAttention``, i.e. ``LayerNorm(resid_pre + attention)``, which is the residual stream after
+#: attention, not the attention output. The attention output proper (all heads, before the residual
+#: sum and the norm) is the output projection's ``attn.o.hook_out``. (``hook_mlp_out`` is already the
+#: MLP's output projection, before its residual sum and norm.)
+_POST_LN_ENCODER = {"attn_out": "blocks.{layer}.attn.o.hook_out"}
+ARCHITECTURE_HOOKS: dict[str, dict[str, str]] = {
+    "BertForMaskedLM": _POST_LN_ENCODER,
+    "BertLMHeadModel": _POST_LN_ENCODER,
+}
+
 
 def resolve_components(components: str | Iterable[str], model=None) -> list[Component]:
     """Component objects for names; a clear error for an unknown name, an empty selection, or a
@@ -122,7 +139,15 @@ def resolve_components(components: str | Iterable[str], model=None) -> list[Comp
             f"{model.cfg.model_name} runs attention and MLP in parallel: there is no resid_mid; "
             "use resid_pre, attn_out or mlp_out"
         )
-    return [COMPONENTS[n] for n in names]
+    return [component_for(model, n) for n in names]
+
+
+def component_for(model, name: str) -> Component:
+    """The component `name` with this model's hook points (``ARCHITECTURE_HOOKS``); `model` may be None."""
+    component = COMPONENTS[name]
+    architecture = str(getattr(model.cfg, "architecture", "")) if model is not None else ""
+    override = ARCHITECTURE_HOOKS.get(architecture, {}).get(name)
+    return component if override is None else dataclasses.replace(component, hook_template=override)
 
 
 def resolve_layers(model, layers: Iterable[int] | None) -> list[int]:

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from relp.circuits import Circuit, count_for_percent, empty_circuit, node_order
-from relp.components import COMPONENTS
+from relp.components import component_for
 from relp.metrics import check_metric_value, metric_name
 from relp.models import to_tokens
 
@@ -366,7 +366,7 @@ class CircuitEvaluator(_Evaluator):
         from relp.patching import _activation, _cache_activations
 
         todo = [
-            (COMPONENTS[name], layer) for name in circuit.components for layer in circuit.layers
+            (component_for(self.model, name), layer) for name in circuit.components for layer in circuit.layers
             if (name, layer) not in self._ablation_cache
         ]
         if not todo:
@@ -437,7 +437,7 @@ class CircuitEvaluator(_Evaluator):
     def _run(self, items: list[tuple[tuple, Circuit]]) -> None:
         from tqdm.auto import tqdm
 
-        from relp.patching import _logits
+        from relp.patching import _output
 
         copies_per_pass = max(1, self.batch_size // self.n_prompts)
         groups: dict[tuple, list] = {}
@@ -448,7 +448,7 @@ class CircuitEvaluator(_Evaluator):
             circuits = [c for _, c in chunk]
             hooks = self._hooks(circuits)
             with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-                logits = _logits(self.model, self.clean.repeat(len(circuits), 1), self.logits_to_keep)
+                logits = _output(self.model, self.clean.repeat(len(circuits), 1), self.metric, self.logits_to_keep)
             self.forward_passes += 1
             self.rows += len(circuits) * self.n_prompts
             for i, (key, circuit) in enumerate(chunk):
@@ -463,7 +463,7 @@ class CircuitEvaluator(_Evaluator):
         current: dict[str, torch.Tensor] = {}
         self._ablation_values(first)
         for name in first.components:
-            component = COMPONENTS[name]
+            component = component_for(self.model, name)
             stacked = torch.stack([c.nodes[name] for c in circuits])  # [copies, layer, ...]
             for i, layer in enumerate(first.layers):
                 mask = stacked[:, i]

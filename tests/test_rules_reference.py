@@ -42,25 +42,25 @@ import torch.nn.functional as F
 
 import relp.models
 import relp.testing
-from relp.rules import RuleNotLiveError, lrp_rules, resolve_rules
+from relp.rules import _hf_configs, lrp_rules, pattern_hook_is_live, resolve_rules
 
 ARCHS = ("gpt2", "llama", "bert")
 
 # Single rules, and presets, that are live on each architecture. The Half-rule needs a gated MLP
-# (Llama). BERT's attention is delegated to Hugging Face, so the AH-rule (which detaches the pattern at
-# hook_pattern) is not live there; AttnLRP acts on q, k, v, which are bridge LinearBridges on BERT too,
-# and it is live and correct there.
+# (Llama). BERT's attention is delegated to Hugging Face, so detaching the pattern at hook_pattern would
+# not reach the gradient there; relp applies the AH-rule through a custom attention function instead
+# (the float64 reference below checks that it is live and correct). AttnLRP acts on q, k, v, which are
+# bridge LinearBridges on BERT too.
 SINGLE_RULES = {
     "gpt2": ("ln", "identity", "ah", "attnlrp"),
     "llama": ("ln", "identity", "half", "ah", "attnlrp"),
-    "bert": ("ln", "identity", "attnlrp"),
+    "bert": ("ln", "identity", "ah", "attnlrp"),
 }
 PRESETS = {
     "gpt2": ("relp", "relp+ah", "attnlrp"),
     "llama": ("relp", "relp+ah", "attnlrp"),
-    "bert": ("relp", "attnlrp"),  # half: not applicable (no gated MLP), recorded, not an error
+    "bert": ("relp", "relp+ah", "attnlrp"),  # half: not applicable (no gated MLP), recorded, not an error
 }
-NOT_LIVE = {"bert": (("ah",), "relp+ah")}
 # What each preset means, written out here (not read from relp) for the reference side.
 PRESET_RULES = {
     "relp": {"ln", "identity", "half"},
@@ -499,13 +499,24 @@ def test_rule_gradient_matches_reference(arch, rules):
         assert change > 1e-2, f"{arch} {rules}: the rules barely change the gradient ({change:.2g})"
 
 
-@pytest.mark.parametrize("rules", NOT_LIVE["bert"], ids=str)
-def test_ah_rule_not_live_on_bert(rules):
-    """BERT attention is Hugging Face's own: detaching hook_pattern does not reach its gradient."""
-    c = case("bert")
-    with pytest.raises(RuleNotLiveError, match="'ah'"):
-        with lrp_rules(c.bridge, rules):
-            pass
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ah_rule_uses_the_attention_fallback_only_where_the_pattern_hook_is_ignored(arch):
+    """GPT-2 and Llama honour edits at hook_pattern; BERT (attention delegated to Hugging Face) does not,
+    so the AH-rule switches its attention implementation for the duration of the rule context only,
+    and restores it also when the block raises."""
+    c = case(arch)
+    assert pattern_hook_is_live(c.bridge) is (arch != "bert")
+    configs = [c.bridge.cfg] if arch != "bert" else _hf_configs(c.bridge)
+    before = [getattr(config, "_attn_implementation", None) for config in configs]
+    with pytest.raises(KeyError):
+        with lrp_rules(c.bridge, "relp+ah"):
+            during = [getattr(config, "_attn_implementation", None) for config in configs]
+            raise KeyError("inside")
+    assert [getattr(config, "_attn_implementation", None) for config in configs] == before
+    if arch == "bert":
+        assert before == ["eager"] * len(configs) and during == ["relp_lrp_eager"] * len(configs)
+    else:
+        assert during == before
 
 
 # ----------------------------------------------------------------------------------------------
