@@ -7,10 +7,21 @@
         batch.answer_tokens, batch.wrong_tokens, batch.positions   # [batch], {name: [batch]}
 
 See :mod:`relp.tasks.dataset` for batching prompts of different lengths and combining per-position
-scores across batches, :mod:`relp.tasks.ioi` for the IOI templates and corruptions, and
+scores across batches, :mod:`relp.tasks.ioi` for the IOI templates and corruptions,
+:mod:`relp.tasks.contrast` for anchor/clean/corrupted sentence triples for embedding models, and
 :mod:`relp.tasks.prompts` for the file format.
 """
 
+from relp.tasks.contrast import (
+    CONTRAST_CHANGES,
+    CONTRAST_POSITION_NAMES,
+    CONTRAST_TEMPLATES,
+    ContrastDataset,
+    ContrastExample,
+    ContrastTemplate,
+    contrast_words,
+    make_contrast_dataset,
+)
 from relp.tasks.dataset import (
     BOS_LABEL,
     OTHER_LABEL,
@@ -50,6 +61,9 @@ __all__ = [
     "BABA_LONG_TEMPLATES",
     "BABA_TEMPLATES",
     "BOS_LABEL",
+    "CONTRAST_CHANGES",
+    "CONTRAST_POSITION_NAMES",
+    "CONTRAST_TEMPLATES",
     "CORRUPTIONS",
     "NAMES",
     "OBJECTS",
@@ -58,6 +72,9 @@ __all__ = [
     "POSITION_NAMES",
     "TEMPLATES",
     "TEMPLATE_SETS",
+    "ContrastDataset",
+    "ContrastExample",
+    "ContrastTemplate",
     "Corruption",
     "IOIVocabulary",
     "PositionScores",
@@ -67,9 +84,11 @@ __all__ = [
     "TaskTokenizer",
     "Template",
     "aggregate_by_position",
+    "contrast_words",
     "ioi_vocabulary",
     "ioi_words",
     "load_prompts",
+    "make_contrast_dataset",
     "make_ioi_dataset",
     "mirror_template",
     "prompts_from_records",
