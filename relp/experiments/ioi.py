@@ -15,14 +15,20 @@ figures (heatmaps per method, scatter of each method against activation patching
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from relp.experiments.common import CORRUPTIONS, METHODS, add_model_and_method_arguments, versions
+from relp.experiments.common import (
+    CORRUPTIONS,
+    METHODS,
+    add_model_and_method_arguments,
+    agreement_markdown,
+    agreement_summary,
+    versions,
+    write_outputs,
+)
 
 PAPER_GPT2_SMALL = {  # Pearson r with activation patching, IOI, from the RelP paper (GPT-2 small)
     "resid_pre": {"atp": 0.753, "relp": 0.968},
@@ -48,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, model=None) -> dict:
     """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests)."""
     import relp
-    from relp.metrics import LogitDiff, NormalizedLogitDiff, agreement
+    from relp.metrics import LogitDiff, NormalizedLogitDiff
     from relp.tasks import aggregate_by_position, make_ioi_dataset
 
     out = Path(args.out)
@@ -115,47 +121,18 @@ def run(args: argparse.Namespace, model=None) -> dict:
         "load_seconds": load_seconds,
         "versions": versions(),
     }
-    for method in args.methods:
-        if method == "ap":
-            continue
-        table = agreement(results[method], results["ap"], top_k=args.top_k)
-        summary["agreement"][method] = {
-            component: {
-                "pearson": row.pearson,
-                "spearman": row.spearman,
-                f"top{args.top_k}_overlap": row.top_k_overlap,
-                "pearson_without_max": row.pearson_without_max,
-                "n_cells": int(row.n_cells),
-            }
-            for component, row in table.iterrows()
-        }
+    summary["agreement"] = agreement_summary(results, top_k=args.top_k)
     summary["total_seconds"] = time.perf_counter() - started
 
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    (out / "results.md").write_text(results_markdown(summary, top_k=args.top_k))
-    _write_position_table(tables, out / "positions.csv")
-    for method, rs in results.items():
-        for i, result in enumerate(rs):
-            result.save(out / "scores" / f"{method}_batch{i}.pt")
-    if not args.no_figures:
-        _write_figures(results, args.components, model_name, out)
-    print(results_markdown(summary, top_k=args.top_k))
+    write_outputs(out, summary, results_markdown(summary, top_k=args.top_k), results, tables, args.components,
+                  figures=not args.no_figures)
     print(f"wrote {out}/ in {summary['total_seconds']:.0f} s")
     return summary
 
 
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def results_markdown(summary: dict, *, top_k: int = 10) -> str:
     """The agreement table laid out like the paper's: rows model, columns component x method."""
-    components = summary["components"]
-    methods = [m for m in summary["agreement"]]
-    label = {"atp": "AtP", "relp": "RelP"}
-    lines = [
+    header = [
         f"# IOI: agreement with activation patching ({summary['model']})",
         "",
         f"{summary['n_prompts']} prompts, corruption `{summary['corruption']}`, templates `{summary['templates']}`, "
@@ -164,72 +141,7 @@ def results_markdown(summary: dict, *, top_k: int = 10) -> str:
         f"{summary['corrupted_logit_diff']:.2f}.",
         "",
     ]
-    for statistic, title in (
-        ("pearson", "Pearson r"),
-        ("spearman", "Spearman rho"),
-        (f"top{top_k}_overlap", f"top-{top_k} overlap"),
-        ("pearson_without_max", "Pearson r without the largest-|AP| cell"),
-    ):
-        header = "| model | " + " | ".join(f"{c} {label.get(m, m)}" for c in components for m in methods) + " |"
-        lines += [f"## {title}", "", header, "|" + "---|" * (1 + len(components) * len(methods))]
-        cells = [f"{summary['agreement'][m][c][statistic]:.3f}" for c in components for m in methods]
-        lines += [f"| {summary['model']} | " + " | ".join(cells) + " |", ""]
-    timings = ", ".join(f"{label.get(m, m.upper())} {s:.1f} s" for m, s in summary["timings_s"].items())
-    lines += [f"Wall time per method: {timings}.", ""]
-    return "\n".join(lines)
-
-
-def _write_position_table(tables: dict, path: Path) -> None:
-    import pandas as pd
-
-    frames = []
-    for method, by_component in tables.items():
-        for component, table in by_component.items():
-            if component in ("head",):
-                frame = table.to_frame(dims=["layer", "head"])
-            elif component == "neuron":
-                continue
-            else:
-                frame = table.to_frame(dims=["layer"])
-            frame.insert(0, "component", component)
-            frame.insert(0, "method", method)
-            frames.append(frame)
-    pd.concat(frames, ignore_index=True).to_csv(path, index=False)
-
-
-def _write_figures(results: dict, components: list[str], model_name: str, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from relp import plotting
-    from relp.results import pool_results
-
-    figures = out / "figures"
-    first = {method: rs[0] for method, rs in results.items()}
-    for method, result in first.items():
-        tokens = result.tokens
-        labels = result.metadata.get("position_labels") or []
-        position_labels = [
-            f"{tok}\n({lab})" if lab not in ("other",) and i < len(labels) else tok
-            for i, (tok, lab) in enumerate(zip(tokens, labels))
-        ] if labels else None
-        for component in components:
-            if component == "neuron":
-                continue
-            fig = plotting.plot_scores(result, [component], position_labels=position_labels, path=figures / f"heatmap_{method}_{component}.png")
-            plt.close(fig)
-    reference = pool_results(results["ap"])
-    for method, rs in results.items():
-        if method == "ap":
-            continue
-        pooled = pool_results(rs)
-        for component in components:
-            fig, ax = plt.subplots(figsize=(5, 4.5))
-            plotting.plot_scatter(pooled, reference, component, ax=ax)
-            fig.savefig(figures / f"scatter_{method}_{component}.png", dpi=120, bbox_inches="tight")
-            plt.close(fig)
+    return "\n".join(header) + agreement_markdown(summary, top_k=top_k)
 
 
 def main(argv=None) -> dict:
