@@ -7,6 +7,7 @@ import sys
 EXPERIMENTS = {
     "ioi": "relp.experiments.ioi",
     "faithfulness": "relp.experiments.faithfulness",
+    "embedding": "relp.experiments.embedding",
 }
 
 

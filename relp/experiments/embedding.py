@@ -1,0 +1,158 @@
+"""Embedding models: activation patching as ground truth, AtP and RelP against it, on contrast pairs.
+
+Each example is an anchor sentence, a clean candidate (a paraphrase of the anchor) and a corrupted
+candidate (the clean one with one word swapped, which changes the subject, the object or the meaning;
+see :mod:`relp.tasks.contrast`). The metric is the normalised similarity difference
+``(cos(e, anchor) - sim_corrupted) / (sim_clean - sim_corrupted)`` of the candidate's pooled embedding
+``e`` (the anchor is embedded once and not patched): 0 on the corrupted candidate, 1 on the clean one.
+Every method scores the layer x position grid (and heads) of each component in the denoising
+direction; agreement with activation patching pools the cells of all layouts (same token length and
+named positions).
+
+    python -m relp embedding --out runs/embedding               # all-MiniLM-L6-v2 (offline), mean pooling
+    python -m relp embedding --model SmolLM2-135M-Instruct --pooling last --out runs/embedding-smollm2
+
+Writes results.json, results.md, positions.csv (scores per named position) and PNG figures, in the
+same layout as the IOI experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from relp.experiments.common import (
+    METHODS,
+    add_method_arguments,
+    agreement_markdown,
+    agreement_summary,
+    versions,
+    write_outputs,
+)
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relp embedding", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec for relp.load_model (default: {DEFAULT_MODEL}, offline from its package)")
+    parser.add_argument("--pooling", default=None, choices=["mean", "cls", "last", "max"], help="pooling of the final hidden states (default: the model's trained pooling; needed for models without one, e.g. decoders)")
+    parser.add_argument("--no-normalize", action="store_true", help="with --pooling: do not L2-normalise the pooled embedding")
+    add_method_arguments(parser)
+    parser.add_argument("--n-pairs", type=int, default=32, help="number of contrast pairs (default: 32)")
+    parser.add_argument("--changes", nargs="+", default=["all"], help="kinds of change: all, or some of subject, object, antonym")
+    parser.add_argument("--components", nargs="+", default=["resid_pre", "attn_out", "mlp_out", "head"], help="components to score")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass in activation patching")
+    parser.add_argument("--top-k", type=int, default=10, help="k of the top-k overlap")
+    parser.add_argument("--out", default="runs/embedding", help="output directory")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    return parser
+
+
+def run(args: argparse.Namespace, model=None) -> dict:
+    """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests)."""
+    import relp
+    from relp.embeddings import SentenceEmbedding
+    from relp.metrics import CosineSimilarity, SimilarityDifference
+    from relp.tasks import aggregate_by_position, make_contrast_dataset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if "ap" not in args.methods:
+        raise SystemExit("the embedding experiment compares methods with activation patching: keep 'ap' in --methods")
+    started = time.perf_counter()
+    if model is None:
+        model = relp.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    load_seconds = time.perf_counter() - started
+    model_name = str(model.cfg.model_name if args.model is None else args.model)
+    if args.pooling is not None:
+        embedding = SentenceEmbedding(args.pooling, normalize=not args.no_normalize)
+    else:
+        try:
+            embedding = SentenceEmbedding.from_model(model)
+        except ValueError as error:
+            raise SystemExit(f"{error}; pass --pooling") from None
+    changes = "all" if args.changes == ["all"] else args.changes
+    data = make_contrast_dataset(model, args.n_pairs, changes=changes, seed=args.seed)
+    batches = list(data.batches())
+    print(f"{model_name}: {len(data)} contrast pairs, {embedding.name}, {len(batches)} layout batch(es)")
+
+    results: dict[str, list] = {m: [] for m in args.methods}
+    tables: dict[str, dict[str, object]] = {m: {} for m in args.methods}
+    clean_similarities, corrupted_similarities = [], []
+    for index, batch in enumerate(batches):
+        clean, corrupted = batch.clean_tokens, batch.corrupted_tokens
+        anchors = embedding.embed(model, batch.anchor_texts)
+        similarity = CosineSimilarity(anchors, embedding)
+        with torch.no_grad():
+            clean_similarities.append(similarity.per_text(embedding(model, clean)))
+            corrupted_similarities.append(similarity.per_text(embedding(model, corrupted)))
+        metric = SimilarityDifference(
+            anchors, clean_similarities[-1].mean().item(), corrupted_similarities[-1].mean().item(), embedding
+        )
+        for method in args.methods:
+            kwargs = {"components": args.components}
+            if method == "ap":
+                kwargs.update(batch_size=args.batch_size, progress=True)
+            if method == "relp":
+                kwargs.update(rules=args.rules)
+            print(f"  batch {index + 1}/{len(batches)} ({len(batch)} pairs, {batch.length} tokens): {method}")
+            result = getattr(relp, METHODS[method])(model, clean, corrupted, metric, **kwargs)
+            result.metadata["position_labels"] = batch.position_labels()
+            results[method].append(result)
+            for component in args.components:
+                position_dim = 1 if component == "neuron" else -1
+                table = aggregate_by_position(result[component], batch, position_dim=position_dim)
+                tables[method][component] = tables[method].get(component, 0) + table
+
+    clean_similarity = torch.cat(clean_similarities)
+    corrupted_similarity = torch.cat(corrupted_similarities)
+    summary = {
+        "model": model_name,
+        "n_prompts": len(data),
+        "changes": list(data.changes) if hasattr(data, "changes") else changes,
+        "pooling": embedding.pooling,
+        "normalize": embedding.normalize,
+        "seed": args.seed,
+        "components": list(args.components),
+        "rules": args.rules,
+        "metric": "similarity_difference",
+        "clean_similarity": clean_similarity.mean().item(),
+        "corrupted_similarity": corrupted_similarity.mean().item(),
+        "clean_above_corrupted_fraction": (clean_similarity > corrupted_similarity).float().mean().item(),
+        "n_layout_batches": len(batches),
+        "agreement": agreement_summary(results, top_k=args.top_k),
+        "timings_s": {m: sum(r.seconds for r in rs) for m, rs in results.items()},
+        "load_seconds": load_seconds,
+        "versions": versions(),
+    }
+    summary["total_seconds"] = time.perf_counter() - started
+    write_outputs(out, summary, results_markdown(summary, top_k=args.top_k), results, tables, args.components,
+                  figures=not args.no_figures)
+    print(f"wrote {out}/ in {summary['total_seconds']:.0f} s")
+    return summary
+
+
+def results_markdown(summary: dict, *, top_k: int = 10) -> str:
+    header = [
+        f"# Embedding contrast pairs: agreement with activation patching ({summary['model']})",
+        "",
+        f"{summary['n_prompts']} pairs, changes {summary['changes']}, pooling `{summary['pooling']}`"
+        f"{' (normalised)' if summary['normalize'] else ''}, seed {summary['seed']}, RelP rules `{summary['rules']}`. "
+        f"Mean cosine similarity to the anchor: clean {summary['clean_similarity']:.3f}, corrupted "
+        f"{summary['corrupted_similarity']:.3f} (clean higher on {100 * summary['clean_above_corrupted_fraction']:.0f}% of pairs).",
+        "",
+    ]
+    return "\n".join(header) + agreement_markdown(summary, top_k=top_k)
+
+
+def main(argv=None) -> dict:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
