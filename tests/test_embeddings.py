@@ -458,3 +458,24 @@ def test_minilm_rules_are_live_including_the_attention_fallback(minilm):
         with relp.lrp_rules(minilm, preset) as rules:  # raises RuleNotLiveError otherwise
             assert "half" not in rules.active
     assert _n_hooks(minilm) == before
+
+
+@pytest.mark.slow
+def test_minilm_agreement_with_activation_patching_on_contrast_pairs(minilm):
+    """On MiniLM contrast pairs (one layout batch of the experiment's default protocol), AtP is already
+    close to activation patching on attn_out (small perturbations of a post-LN encoder), and RelP's
+    LN-rule lifts the Pearson correlation on the residual stream, where the swapped word's whole-stream
+    patch is large and AtP underestimates it (README, embedding section)."""
+    from relp.tasks import make_contrast_dataset
+
+    embedding = SentenceEmbedding.from_model(minilm)
+    data = make_contrast_dataset(minilm, 32, seed=0)
+    batch = max(data.batches(), key=len)
+    clean, corrupted = batch.clean_tokens, batch.corrupted_tokens
+    metric = SimilarityDifference.from_runs(minilm, batch.anchor_texts, clean, corrupted, embedding)
+    components = ["resid_pre", "attn_out"]
+    ap = relp.activation_patching(minilm, clean, corrupted, metric, components, progress=False)
+    atp = relp.agreement(relp.attribution_patching(minilm, clean, corrupted, metric, components), ap)
+    rp = relp.agreement(relp.relevance_patching(minilm, clean, corrupted, metric, components), ap)
+    assert atp.loc["attn_out", "pearson"] > 0.95
+    assert rp.loc["resid_pre", "pearson"] > atp.loc["resid_pre", "pearson"]

@@ -32,7 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = ("quickstart.ipynb", "own_model.ipynb")
+NOTEBOOKS = ("quickstart.ipynb", "own_model.ipynb", "embeddings.ipynb")
 KERNEL_NAME = "relp-notebook-test"
 CELL_TIMEOUT_S = {True: 600, False: 3600}  # per cell, small / full configuration (small: seconds in all)
 
