@@ -23,9 +23,11 @@ A *cell* is one entry of the score tensor of one layer: a position (block compon
 (head, position) pair, or a (position, neuron) pair. Patching a cell replaces that slice of the
 activation in every prompt of the batch at once.
 
-Some architectures name these hook points differently: ``ARCHITECTURE_HOOKS`` lists the exceptions
-(on BERT, ``attn_out`` is ``blocks.{l}.attn.o.hook_out``, because the bridge's ``hook_attn_out`` there
-already includes the residual sum and the post-attention LayerNorm).
+Some architectures name these hook points differently: ``ARCHITECTURE_HOOKS`` lists the exceptions.
+On BERT (post-LayerNorm blocks) ``attn_out`` is ``blocks.{l}.attn.o.hook_out``, because the bridge's
+``hook_attn_out`` there already includes the residual sum and the post-attention LayerNorm, and
+``resid_mid`` is that norm's output ``blocks.{l}.ln1.hook_out`` (the stream entering the MLP and its
+residual connection).
 
 ``head`` uses the per-query-head attention output ``z`` (the input of the output projection), so with
 grouped-query attention each of the ``n_heads`` query heads is its own component even though key and
@@ -116,10 +118,16 @@ BLOCK_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
 #: attention, not the attention output. The attention output proper (all heads, before the residual
 #: sum and the norm) is the output projection's ``attn.o.hook_out``. (``hook_mlp_out`` is already the
 #: MLP's output projection, before its residual sum and norm.)
-_POST_LN_ENCODER = {"attn_out": "blocks.{layer}.attn.o.hook_out"}
-ARCHITECTURE_HOOKS: dict[str, dict[str, str]] = {
+#: In a post-LN block the residual stream between attention and MLP is the first norm's output,
+#: ``LayerNorm(resid_pre + attention)``: that is resid_mid there, hooked directly (no offset).
+_POST_LN_ENCODER = {
+    "attn_out": {"hook_template": "blocks.{layer}.attn.o.hook_out"},
+    "resid_mid": {"hook_template": "blocks.{layer}.ln1.hook_out", "offset_template": None},
+}
+ARCHITECTURE_HOOKS: dict[str, dict[str, dict]] = {
     "BertForMaskedLM": _POST_LN_ENCODER,
     "BertLMHeadModel": _POST_LN_ENCODER,
+    "RobertaForMaskedLM": _POST_LN_ENCODER,
 }
 
 
@@ -147,7 +155,7 @@ def component_for(model, name: str) -> Component:
     component = COMPONENTS[name]
     architecture = str(getattr(model.cfg, "architecture", "")) if model is not None else ""
     override = ARCHITECTURE_HOOKS.get(architecture, {}).get(name)
-    return component if override is None else dataclasses.replace(component, hook_template=override)
+    return component if override is None else dataclasses.replace(component, **override)
 
 
 def resolve_layers(model, layers: Iterable[int] | None) -> list[int]:

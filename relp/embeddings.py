@@ -44,6 +44,7 @@ POOLINGS = ("mean", "cls", "last", "max")
 FINAL_HIDDEN_HOOKS: dict[str, str] = {
     "BertForMaskedLM": "blocks.{last}.hook_resid_post",
     "BertLMHeadModel": "blocks.{last}.hook_resid_post",
+    "RobertaForMaskedLM": "blocks.{last}.hook_resid_post",
 }
 
 # Pooling recorded when a model is loaded from a sentence-transformers checkpoint (model -> embedding).

@@ -58,7 +58,7 @@ _EMBEDDED_ENCODER_ALIASES = (EMBEDDED_ENCODER_NAME, "all-MiniLM-L6-v2")
 #: Bare encoder checkpoints (no language-model head) are bridged through the masked-LM class of their
 #: family, which TransformerLens supports; the head's weights are not in the checkpoint and are
 #: initialised from a fixed seed (its logits mean nothing; embedding readouts do not use them).
-ENCODER_HEADS = {"BertModel": "BertForMaskedLM"}
+ENCODER_HEADS = {"BertModel": "BertForMaskedLM", "RobertaModel": "RobertaForMaskedLM"}
 
 #: Bump when the conversion or the cache layout changes: every cache key includes it.
 CACHE_FORMAT = 1

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-ARCHITECTURES = ("gpt2", "llama", "bert")
+ARCHITECTURES = ("gpt2", "llama", "bert", "roberta")
 
 SPECIAL_TOKENS = ["<bos>", "<pad>", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEFAULT_WORDS = tuple(f"w{i}" for i in range(58)) + (".", ",")
@@ -71,7 +71,7 @@ def tiny_hf_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ):
-    """A random-weight Hugging Face model of the given architecture ("gpt2", "llama" or "bert")."""
+    """A random-weight Hugging Face model of the given architecture ("gpt2", "llama", "bert" or "roberta")."""
     from transformers import (
         BertConfig,
         BertForMaskedLM,
@@ -79,6 +79,8 @@ def tiny_hf_model(
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
     )
 
     torch.manual_seed(seed)
@@ -103,6 +105,13 @@ def tiny_hf_model(
             pad_token_id=1,
         )
         model = BertForMaskedLM(config)
+    elif architecture == "roberta":
+        config = RobertaConfig(
+            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_model * 3 // 2,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads, max_position_embeddings=66,
+            pad_token_id=1, architectures=["RobertaForMaskedLM"],  # the bridge reads the architecture
+        )
+        model = RobertaForMaskedLM(config)
     else:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
     return model.to(dtype).eval()
@@ -121,7 +130,8 @@ def tiny_model(
     """A random-weight TransformerBridge of the given architecture with a word-level tokenizer.
 
     Shapes: "gpt2" (LayerNorm, GELU MLP), "llama" (RMSNorm, SwiGLU, grouped-query attention with
-    half as many key/value heads, rotary) and "bert" (post-LayerNorm encoder, GELU MLP).
+    half as many key/value heads, rotary), "bert" (post-LayerNorm encoder, GELU MLP) and "roberta"
+    (BERT's blocks with RoBERTa's embeddings).
     """
     from relp.models import bridge_from_hf
 

@@ -44,7 +44,7 @@ def _tiny_pair(architecture: str, dtype=torch.float32, seed: int = 0, weight_sca
 
 
 def _base_model(hf):
-    return hf.bert if hasattr(hf, "bert") else hf.model if hasattr(hf, "model") else hf.transformer
+    return getattr(hf, hf.base_model_prefix)  # bert, roberta, model (Llama), transformer (GPT-2)
 
 
 def _pool(hidden, pooling):
@@ -65,7 +65,7 @@ def _tokens(model, n=3, length=7, seed=0):
 # The readout equals the Hugging Face model's last_hidden_state, pooled
 
 
-@pytest.mark.parametrize("architecture", ["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("architecture", ["bert", "roberta", "llama", "gpt2"])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last", "max"])
 def test_readout_matches_hugging_face_last_hidden_state(architecture, pooling):
     model, reference = _tiny_pair(architecture)
@@ -185,6 +185,7 @@ def test_logits_to_keep_is_refused_with_an_embedding_readout():
 # "in" = module input). head: the input of the attention output projection, split into heads.
 HF_SITES = {
     "resid_pre": ("", "in"),
+    "resid_mid": ("attention.output", "out"),  # post-LN: LayerNorm(resid_pre + attention)
     "attn_out": ("attention.output.dense", "out"),
     "mlp_out": ("output.dense", "out"),
     "head": ("attention.output.dense", "in"),
@@ -227,20 +228,31 @@ class _HFSite:
 
 
 def _hf_embedding(reference, tokens):
-    return F.normalize(reference.bert(tokens).last_hidden_state.mean(1), dim=-1)
+    return F.normalize(_base_model(reference)(tokens).last_hidden_state.mean(1), dim=-1)
+
+
+_ENCODERS: dict = {}
+
+
+def _encoder64(architecture):
+    """A float64 post-LN encoder bridge, its untouched HF copy, and a random anchor embedding."""
+    if architecture not in _ENCODERS:
+        model, reference = _tiny_pair(architecture, dtype=torch.float64, seed=3, weight_scale=8.0)
+        g = torch.Generator().manual_seed(1)
+        anchor = torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64)
+        _ENCODERS[architecture] = (model, reference, anchor)
+    return _ENCODERS[architecture]
 
 
 @pytest.fixture(scope="module")
 def bert64():
-    model, reference = _tiny_pair("bert", dtype=torch.float64, seed=3, weight_scale=8.0)
-    g = torch.Generator().manual_seed(1)
-    anchor = torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64)
-    return model, reference, anchor
+    return _encoder64("bert")
 
 
+@pytest.mark.parametrize("architecture", ["bert", "roberta"])
 @pytest.mark.parametrize("component", list(HF_SITES))
-def test_activation_patching_of_an_embedding_metric_matches_hand_patching(bert64, component):
-    model, reference, anchor = bert64
+def test_activation_patching_of_an_embedding_metric_matches_hand_patching(architecture, component):
+    model, reference, anchor = _encoder64(architecture)
     clean, corrupted = _tokens(model, n=2, length=6)
     metric = CosineSimilarity(anchor)
     result = relp.activation_patching(model, clean, corrupted, metric, [component], progress=False)
@@ -249,7 +261,7 @@ def test_activation_patching_of_an_embedding_metric_matches_hand_patching(bert64
     expected = torch.zeros_like(result[component])
     with torch.no_grad():
         base = metric(_hf_embedding(reference, corrupted))
-        for layer, layer_module in enumerate(reference.bert.encoder.layer):
+        for layer, layer_module in enumerate(_base_model(reference).encoder.layer):
             with _HFSite(layer_module, path, which) as site:
                 _hf_embedding(reference, clean)
                 source = site.value.clone()
@@ -271,15 +283,16 @@ def test_activation_patching_of_an_embedding_metric_matches_hand_patching(bert64
     torch.testing.assert_close(result[component], expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("architecture", ["bert", "roberta"])
 @pytest.mark.parametrize("component", list(HF_SITES))
-def test_attribution_patching_of_an_embedding_metric_matches_hand_gradients(bert64, component):
-    model, reference, anchor = bert64
+def test_attribution_patching_of_an_embedding_metric_matches_hand_gradients(architecture, component):
+    model, reference, anchor = _encoder64(architecture)
     clean, corrupted = _tokens(model, n=2, length=6)
     metric = CosineSimilarity(anchor)
     result = relp.attribution_patching(model, clean, corrupted, metric, [component])
     path, which = HF_SITES[component]
     expected = []
-    for layer_module in reference.bert.encoder.layer:
+    for layer_module in _base_model(reference).encoder.layer:
         with _HFSite(layer_module, path, which) as site:
             with torch.no_grad():
                 _hf_embedding(reference, clean)
