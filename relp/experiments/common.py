@@ -30,6 +30,42 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
 
 
+def score_batch(model, batch, metric, args, results: dict, tables: dict, *, label: str, ap_options=None) -> None:
+    """Score one layout batch with every method of ``args.methods`` (components, rules, batch size from
+    `args`); append each result to ``results[method]`` and add its per-position table to ``tables``."""
+    import relp
+    from relp.tasks import aggregate_by_position
+
+    for method in args.methods:
+        kwargs = {"components": args.components}
+        if method == "ap":
+            kwargs.update(batch_size=args.batch_size, progress=True, **(ap_options or {}))
+        if method == "relp":
+            kwargs.update(rules=args.rules)
+        print(f"  {label}: {method}")
+        result = getattr(relp, METHODS[method])(model, batch.clean_tokens, batch.corrupted_tokens, metric, **kwargs)
+        result.metadata["position_labels"] = batch.position_labels()
+        results[method].append(result)
+        for component in args.components:
+            position_dim = 1 if component == "neuron" else -1
+            table = aggregate_by_position(result[component], batch, position_dim=position_dim)
+            tables[method][component] = tables[method].get(component, 0) + table
+
+
+def finish(out: Path, summary: dict, markdown, results: dict, tables: dict, args, started: float) -> dict:
+    """Add agreement, timings and versions to `summary`, write every output file, and return it."""
+    import time
+
+    summary["agreement"] = agreement_summary(results, top_k=args.top_k)
+    summary["timings_s"] = {m: sum(r.seconds for r in rs) for m, rs in results.items()}
+    summary["versions"] = versions()
+    summary["total_seconds"] = time.perf_counter() - started
+    write_outputs(out, summary, markdown(summary, top_k=args.top_k), results, tables, args.components,
+                  figures=not args.no_figures)
+    print(f"wrote {out}/ in {summary['total_seconds']:.0f} s")
+    return summary
+
+
 def versions() -> dict:
     """Versions of the libraries a result depends on, for results files."""
     import transformer_lens

@@ -24,14 +24,7 @@ from pathlib import Path
 
 import torch
 
-from relp.experiments.common import (
-    METHODS,
-    add_method_arguments,
-    agreement_markdown,
-    agreement_summary,
-    versions,
-    write_outputs,
-)
+from relp.experiments.common import add_method_arguments, agreement_markdown, finish, score_batch
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -58,7 +51,7 @@ def run(args: argparse.Namespace, model=None) -> dict:
     import relp
     from relp.embeddings import SentenceEmbedding
     from relp.metrics import CosineSimilarity, SimilarityDifference
-    from relp.tasks import aggregate_by_position, make_contrast_dataset
+    from relp.tasks import make_contrast_dataset
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,27 +87,15 @@ def run(args: argparse.Namespace, model=None) -> dict:
         metric = SimilarityDifference(
             anchors, clean_similarities[-1].mean().item(), corrupted_similarities[-1].mean().item(), embedding
         )
-        for method in args.methods:
-            kwargs = {"components": args.components}
-            if method == "ap":
-                kwargs.update(batch_size=args.batch_size, progress=True)
-            if method == "relp":
-                kwargs.update(rules=args.rules)
-            print(f"  batch {index + 1}/{len(batches)} ({len(batch)} pairs, {batch.length} tokens): {method}")
-            result = getattr(relp, METHODS[method])(model, clean, corrupted, metric, **kwargs)
-            result.metadata["position_labels"] = batch.position_labels()
-            results[method].append(result)
-            for component in args.components:
-                position_dim = 1 if component == "neuron" else -1
-                table = aggregate_by_position(result[component], batch, position_dim=position_dim)
-                tables[method][component] = tables[method].get(component, 0) + table
+        label = f"batch {index + 1}/{len(batches)} ({len(batch)} pairs, {batch.length} tokens)"
+        score_batch(model, batch, metric, args, results, tables, label=label)
 
     clean_similarity = torch.cat(clean_similarities)
     corrupted_similarity = torch.cat(corrupted_similarities)
     summary = {
         "model": model_name,
         "n_prompts": len(data),
-        "changes": list(data.changes) if hasattr(data, "changes") else changes,
+        "changes": list(data.changes),
         "pooling": embedding.pooling,
         "normalize": embedding.normalize,
         "seed": args.seed,
@@ -125,16 +106,9 @@ def run(args: argparse.Namespace, model=None) -> dict:
         "corrupted_similarity": corrupted_similarity.mean().item(),
         "clean_above_corrupted_fraction": (clean_similarity > corrupted_similarity).float().mean().item(),
         "n_layout_batches": len(batches),
-        "agreement": agreement_summary(results, top_k=args.top_k),
-        "timings_s": {m: sum(r.seconds for r in rs) for m, rs in results.items()},
         "load_seconds": load_seconds,
-        "versions": versions(),
     }
-    summary["total_seconds"] = time.perf_counter() - started
-    write_outputs(out, summary, results_markdown(summary, top_k=args.top_k), results, tables, args.components,
-                  figures=not args.no_figures)
-    print(f"wrote {out}/ in {summary['total_seconds']:.0f} s")
-    return summary
+    return finish(out, summary, results_markdown, results, tables, args, started)
 
 
 def results_markdown(summary: dict, *, top_k: int = 10) -> str:

@@ -20,15 +20,7 @@ from pathlib import Path
 
 import torch
 
-from relp.experiments.common import (
-    CORRUPTIONS,
-    METHODS,
-    add_model_and_method_arguments,
-    agreement_markdown,
-    agreement_summary,
-    versions,
-    write_outputs,
-)
+from relp.experiments.common import CORRUPTIONS, add_model_and_method_arguments, agreement_markdown, finish, score_batch
 
 PAPER_GPT2_SMALL = {  # Pearson r with activation patching, IOI, from the RelP paper (GPT-2 small)
     "resid_pre": {"atp": 0.753, "relp": 0.968},
@@ -55,7 +47,7 @@ def run(args: argparse.Namespace, model=None) -> dict:
     """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests)."""
     import relp
     from relp.metrics import LogitDiff, NormalizedLogitDiff
-    from relp.tasks import aggregate_by_position, make_ioi_dataset
+    from relp.tasks import make_ioi_dataset
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,22 +76,10 @@ def run(args: argparse.Namespace, model=None) -> dict:
         metric = NormalizedLogitDiff(
             batch.answer_tokens, batch.wrong_tokens, clean_lds[-1].mean().item(), corrupted_lds[-1].mean().item()
         )
-        for method in args.methods:
-            kwargs = {"components": args.components}
-            if method == "ap":
-                # the metric reads only the last token (END), so only its logits are computed
-                assert all(position == batch.length - 1 for position in batch.positions["END"].tolist())
-                kwargs.update(batch_size=args.batch_size, progress=True, logits_to_keep=1)
-            if method == "relp":
-                kwargs.update(rules=args.rules)
-            print(f"  batch {index + 1}/{len(batches)} ({len(batch)} prompts, {batch.length} tokens): {method}")
-            result = getattr(relp, METHODS[method])(model, clean, corrupted, metric, **kwargs)
-            result.metadata["position_labels"] = batch.position_labels()
-            results[method].append(result)
-            for component in args.components:
-                position_dim = 1 if component == "neuron" else -1
-                table = aggregate_by_position(result[component], batch, position_dim=position_dim)
-                tables[method][component] = tables[method].get(component, 0) + table
+        # the metric reads only the last token (END), so activation patching computes only its logits
+        assert all(position == batch.length - 1 for position in batch.positions["END"].tolist())
+        label = f"batch {index + 1}/{len(batches)} ({len(batch)} prompts, {batch.length} tokens)"
+        score_batch(model, batch, metric, args, results, tables, label=label, ap_options={"logits_to_keep": 1})
 
     clean_ld = torch.cat(clean_lds)
     corrupted_ld = torch.cat(corrupted_lds)
@@ -116,18 +96,9 @@ def run(args: argparse.Namespace, model=None) -> dict:
         "corrupted_logit_diff": corrupted_ld.mean().item(),
         "clean_logit_diff_positive_fraction": (clean_ld > 0).float().mean().item(),
         "n_layout_batches": len(batches),
-        "agreement": {},
-        "timings_s": {m: sum(r.seconds for r in rs) for m, rs in results.items()},
         "load_seconds": load_seconds,
-        "versions": versions(),
     }
-    summary["agreement"] = agreement_summary(results, top_k=args.top_k)
-    summary["total_seconds"] = time.perf_counter() - started
-
-    write_outputs(out, summary, results_markdown(summary, top_k=args.top_k), results, tables, args.components,
-                  figures=not args.no_figures)
-    print(f"wrote {out}/ in {summary['total_seconds']:.0f} s")
-    return summary
+    return finish(out, summary, results_markdown, results, tables, args, started)
 
 
 def results_markdown(summary: dict, *, top_k: int = 10) -> str:
