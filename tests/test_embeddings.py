@@ -473,7 +473,6 @@ def test_minilm_rules_are_live_including_the_attention_fallback(minilm):
     assert _n_hooks(minilm) == before
 
 
-@pytest.mark.slow
 def test_minilm_agreement_with_activation_patching_on_contrast_pairs(minilm):
     """On MiniLM contrast pairs (one layout batch of the experiment's default protocol), AtP is already
     close to activation patching on attn_out (small perturbations of a post-LN encoder), and RelP's
