@@ -164,6 +164,9 @@ def test_similarity_difference_is_one_on_clean_and_zero_on_corrupted():
     with torch.no_grad():
         assert metric(metric.readout(model, clean)).item() == pytest.approx(1.0, abs=1e-5)
         assert metric(metric.readout(model, corrupted)).item() == pytest.approx(0.0, abs=1e-5)
+    # anchors given as embeddings instead of texts: the same metric
+    given = SimilarityDifference.from_runs(model, metric.anchors, clean, corrupted)
+    assert (given.clean_value, given.corrupted_value) == (metric.clean_value, metric.corrupted_value)
     # every score method sees the same base value: 0 on the corrupted run (denoising)
     result = relp.attribution_patching(model, clean, corrupted, metric, ["resid_pre"])
     assert result.metadata["base_metric"] == pytest.approx(0.0, abs=1e-5)
