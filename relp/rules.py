@@ -245,10 +245,7 @@ def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
 def _attention_hooks(model, active: frozenset[str]) -> list[Hook]:
     """AH-rule (pattern constant) or AttnLRP (q, k gradients x1/4, v x1/2)."""
     hooks: list[Hook] = []
-    has_pattern = "blocks.0.attn.hook_pattern" in model.hook_dict
-    # Without a live pattern hook the AH-rule acts through the attention function (_attention_contexts);
-    # a model without the hook point at all gets the hook, and rule_hooks reports it as missing.
-    pattern_hook = "ah" in active and (not has_pattern or pattern_hook_is_live(model))
+    pattern_hook = "ah" in active and not _ah_in_attention_function(model)
     for layer in range(model.cfg.n_layers):
         prefix = f"blocks.{layer}.attn"
         if pattern_hook:
@@ -350,8 +347,15 @@ def pattern_hook_is_live(model) -> bool:
     return _PATTERN_LIVE_CACHE[model]
 
 
+def _ah_in_attention_function(model) -> bool:
+    """Where the AH-rule acts: True through the attention function (the pattern hook exists but is
+    ignored), False through ``hook_pattern`` (a model without that hook point at all gets the hook, and
+    rule_hooks reports it as missing)."""
+    return "blocks.0.attn.hook_pattern" in model.hook_dict and not pattern_hook_is_live(model)
+
+
 def _attention_contexts(model, active: frozenset[str]) -> list[Callable[[], contextlib.AbstractContextManager]]:
-    if "ah" in active and "blocks.0.attn.hook_pattern" in model.hook_dict and not pattern_hook_is_live(model):
+    if "ah" in active and _ah_in_attention_function(model):
         return [lambda: _pattern_constant_in_attention(model)]
     return []
 
