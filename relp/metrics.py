@@ -42,6 +42,14 @@ def _as_ids(ids, batch: int, name: str, device) -> torch.Tensor:
     return ids
 
 
+def _answer_minus_wrong(values: Float[torch.Tensor, "batch vocab"], answer, wrong) -> Float[torch.Tensor, " batch"]:
+    """values[i, answer[i]] - values[i, wrong[i]] for each prompt i (ids: one per prompt, or one for all)."""
+    batch = values.shape[0]
+    answer = _as_ids(answer, batch, "answer", values.device)
+    wrong = _as_ids(wrong, batch, "wrong", values.device)
+    return values.gather(1, answer[:, None])[:, 0] - values.gather(1, wrong[:, None])[:, 0]
+
+
 @dataclass
 class LogitDiff:
     """Mean over the batch of logit[answer] - logit[wrong] at `position` (default: the last token)."""
@@ -52,11 +60,7 @@ class LogitDiff:
     name: str = "logit_diff"
 
     def per_prompt(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, " batch"]:
-        last = _select_position(logits, self.position)
-        batch = last.shape[0]
-        answer = _as_ids(self.answer, batch, "answer", last.device)
-        wrong = _as_ids(self.wrong, batch, "wrong", last.device)
-        return last.gather(1, answer[:, None])[:, 0] - last.gather(1, wrong[:, None])[:, 0]
+        return _answer_minus_wrong(_select_position(logits, self.position), self.answer, self.wrong)
 
     def __call__(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, ""]:
         return self.per_prompt(logits).mean()
@@ -107,10 +111,7 @@ class ProbDiff:
 
     def __call__(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, ""]:
         probs = _select_position(logits, self.position).float().softmax(-1)
-        batch = probs.shape[0]
-        answer = _as_ids(self.answer, batch, "answer", probs.device)
-        wrong = _as_ids(self.wrong, batch, "wrong", probs.device)
-        return (probs.gather(1, answer[:, None]) - probs.gather(1, wrong[:, None])).mean()
+        return _answer_minus_wrong(probs, self.answer, self.wrong).mean()
 
 
 @dataclass
@@ -149,6 +150,12 @@ def _as_reference(reference, embeddings: torch.Tensor, name: str) -> torch.Tenso
     return reference
 
 
+def _cosine_to(embeddings, reference, name: str) -> torch.Tensor:
+    """cos(embeddings[i], reference[i]) per text [batch] (or against one reference embedding)."""
+    reference = _as_reference(reference, embeddings, name)
+    return torch.nn.functional.cosine_similarity(embeddings, reference.expand_as(embeddings), dim=-1)
+
+
 def _default_readout():
     from relp.embeddings import SentenceEmbedding
 
@@ -169,8 +176,7 @@ class CosineSimilarity:
     name: str = "cosine_similarity"
 
     def per_text(self, embeddings: Float[torch.Tensor, "batch d"]) -> Float[torch.Tensor, " batch"]:
-        reference = _as_reference(self.reference, embeddings, "reference")
-        return torch.nn.functional.cosine_similarity(embeddings, reference.expand_as(embeddings), dim=-1)
+        return _cosine_to(embeddings, self.reference, "reference")
 
     def __call__(self, embeddings: Float[torch.Tensor, "batch d"]) -> Float[torch.Tensor, ""]:
         return self.per_text(embeddings).mean()
@@ -214,11 +220,12 @@ class SimilarityDifference:
         with torch.no_grad():
             clean_e = readout(model, to_tokens(model, clean))
             corrupted_e = readout(model, to_tokens(model, corrupted))
-        similarity = CosineSimilarity(anchor_embeddings, readout)
-        return cls(anchor_embeddings, similarity(clean_e).item(), similarity(corrupted_e).item(), readout, normalized)
+        clean_value = _cosine_to(clean_e, anchor_embeddings, "anchors").mean().item()
+        corrupted_value = _cosine_to(corrupted_e, anchor_embeddings, "anchors").mean().item()
+        return cls(anchor_embeddings, clean_value, corrupted_value, readout, normalized)
 
     def __call__(self, embeddings: Float[torch.Tensor, "batch d"]) -> Float[torch.Tensor, ""]:
-        value = CosineSimilarity(self.anchors, self.readout)(embeddings) - self.corrupted_value
+        value = _cosine_to(embeddings, self.anchors, "anchors").mean() - self.corrupted_value
         return value / (self.clean_value - self.corrupted_value) if self.normalized else value
 
 
