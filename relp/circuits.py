@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relp.components import COMPONENTS
+from relp.components import COMPONENTS, check_component_names
 
 RESIDUAL_COMPONENTS = ("resid_pre", "resid_mid", "resid_post")
 _OVERLAPS = (("head", "attn_out"), ("neuron", "mlp_out"))
@@ -88,13 +88,7 @@ def node_axes(component: str, per_position: bool = True) -> tuple[str, ...]:
 def check_node_components(components: Sequence[str]) -> None:
     """A clear error for unknown, repeated or overlapping node types (see the module docstring)."""
     components = list(components)
-    if not components:
-        raise ValueError(f"no components given; expected some of {sorted(COMPONENTS)}")
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise ValueError(f"unknown component(s) {unknown}; expected names from {sorted(COMPONENTS)}")
-    if len(set(components)) != len(components):
-        raise ValueError(f"components given twice: {components}")
+    check_component_names(components)
     residual = [c for c in components if c in RESIDUAL_COMPONENTS]
     if residual and len(components) > 1:
         raise ValueError(

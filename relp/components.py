@@ -131,17 +131,23 @@ ARCHITECTURE_HOOKS: dict[str, dict[str, dict]] = {
 }
 
 
-def resolve_components(components: str | Iterable[str], model=None) -> list[Component]:
-    """Component objects for names; a clear error for an unknown name, an empty selection, or a
-    component the model does not have."""
-    names: Sequence[str] = [components] if isinstance(components, str) else list(components)
+def check_component_names(names: Sequence[str]) -> None:
+    """A clear error for an empty selection, an unknown name or a name given twice."""
+    names = list(names)
     if not names:
         raise ValueError(f"no components given; expected some of {sorted(COMPONENTS)}")
     unknown = [n for n in names if n not in COMPONENTS]
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}; expected names from {sorted(COMPONENTS)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"components given twice: {list(names)}")
+        raise ValueError(f"components given twice: {names}")
+
+
+def resolve_components(components: str | Iterable[str], model=None) -> list[Component]:
+    """Component objects for names; a clear error for an unknown name, an empty selection, or a
+    component the model does not have."""
+    names: Sequence[str] = [components] if isinstance(components, str) else list(components)
+    check_component_names(names)
     if model is not None and "resid_mid" in names and getattr(model.cfg, "parallel_attn_mlp", False):
         raise ValueError(
             f"{model.cfg.model_name} runs attention and MLP in parallel: there is no resid_mid; "
