@@ -280,7 +280,8 @@ class CircuitEvaluator(_Evaluator):
         clean: the prompts the circuits run on (tokens [batch, pos] or texts).
         corrupted: the corrupted prompts, one per clean prompt (needed for ``ablation="corrupt"`` and
             the default reference of the mean ablations).
-        metric: callable logits -> scalar (mean over the batch), e.g. ``relp.LogitDiff``.
+        metric: callable logits -> scalar (mean over the batch), e.g. ``relp.LogitDiff``; a metric with
+            a ``readout`` (e.g. ``relp.SimilarityDifference``) reads that instead of the logits.
         ablation: "corrupt", "mean", "mean_positional" or "zero".
         reference: prompts for the mean ablations (tokens [n, pos], texts, or a list of token tensors
             of any lengths for "mean"); default: `corrupted`.
@@ -305,7 +306,10 @@ class CircuitEvaluator(_Evaluator):
         if model.training:
             raise RuntimeError("the model is in training mode (dropout would make every value random); call model.eval() first")
         if not callable(metric):
-            raise TypeError(f"metric must be a callable from logits to a scalar; got {type(metric).__name__}")
+            raise TypeError(
+                f"metric must be a callable from the model's output (logits, or its readout's output) to a "
+                f"scalar; got {type(metric).__name__}"
+            )
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation must be one of {ABLATIONS}; got {ablation!r}")
         if batch_size < 1:
@@ -448,11 +452,11 @@ class CircuitEvaluator(_Evaluator):
             circuits = [c for _, c in chunk]
             hooks = self._hooks(circuits)
             with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-                logits = _output(self.model, self.clean.repeat(len(circuits), 1), self.metric, self.logits_to_keep)
+                outputs = _output(self.model, self.clean.repeat(len(circuits), 1), self.metric, self.logits_to_keep)
             self.forward_passes += 1
             self.rows += len(circuits) * self.n_prompts
             for i, (key, circuit) in enumerate(chunk):
-                part = logits[i * self.n_prompts : (i + 1) * self.n_prompts]
+                part = outputs[i * self.n_prompts : (i + 1) * self.n_prompts]
                 value = check_metric_value(self.metric(part), self.metric, f"a circuit of {circuit.n_nodes} nodes")
                 self._value_cache[key] = value.item()
 
