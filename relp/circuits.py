@@ -81,8 +81,7 @@ def node_axes(component: str, per_position: bool = True) -> tuple[str, ...]:
     """Axes of one component's node tensor: its score axes, without ``position`` when summed."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; expected names from {sorted(COMPONENTS)}")
-    axes = COMPONENTS[component].axes
-    return axes if per_position else tuple(a for a in axes if a != "position")
+    return COMPONENTS[component].node_axes(per_position)
 
 
 def check_node_components(components: Sequence[str]) -> None:

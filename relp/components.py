@@ -23,8 +23,14 @@ A *cell* is one entry of the score tensor of one layer: a position (block compon
 (head, position) pair, or a (position, neuron) pair. Patching a cell replaces that slice of the
 activation in every prompt of the batch at once.
 
-Some architectures name these hook points differently: ``ARCHITECTURE_HOOKS`` lists the exceptions.
-On BERT (post-LayerNorm blocks) ``attn_out`` is ``blocks.{l}.attn.o.hook_out``, because the bridge's
+Geometry is data: each component declares the axes of its hooked activation (``activation_axes``,
+e.g. ``("batch", "position", "head", "d_head")``) and of its scores (``axes``, e.g. ``("layer", "head",
+"position")``). Score axes name activation axes; every other activation axis (the batch and the hidden
+dimension) is summed. Cell shapes, cell indices, per-cell sums and the masks that ablate nodes all
+follow from those two tuples, so no code branches on a component's name.
+
+Some architectures name these hook points differently: their entries in
+:data:`relp.architectures.ARCHITECTURES` override the defaults below. On BERT (post-LayerNorm blocks) ``attn_out`` is ``blocks.{l}.attn.o.hook_out``, because the bridge's
 ``hook_attn_out`` there already includes the residual sum and the post-attention LayerNorm, and
 ``resid_mid`` is that norm's output ``blocks.{l}.ln1.hook_out`` (the stream entering the MLP and its
 residual connection).
@@ -43,6 +49,11 @@ from dataclasses import dataclass
 
 import torch
 
+from relp.architectures import architecture_of
+
+#: Activation axes that are summed into a cell (never score axes).
+SUMMED_AXES = ("batch", "d_model", "d_head")
+
 
 @dataclass(frozen=True)
 class Component:
@@ -51,8 +62,17 @@ class Component:
     name: str
     hook_template: str  # where the activation is patched and its gradient taken
     axes: tuple[str, ...]  # axes of the score tensor, the first is always "layer"
+    activation_axes: tuple[str, ...]  # axes of the hooked activation, the first is always "batch"
     description: str
     offset_template: str | None = None  # activation = hooked tensor + this one (resid_mid only)
+
+    def __post_init__(self):
+        missing = [a for a in self.cell_axes if a not in self.activation_axes]
+        if self.axes[:1] != ("layer",) or self.activation_axes[:1] != ("batch",) or missing:
+            raise ValueError(
+                f"component {self.name!r}: score axes {self.axes} must start with 'layer' and name axes of the "
+                f"activation {self.activation_axes} (which starts with 'batch'); not found: {missing}"
+            )
 
     def hook_name(self, layer: int) -> str:
         return self.hook_template.format(layer=layer)
@@ -60,75 +80,76 @@ class Component:
     def offset_name(self, layer: int) -> str | None:
         return self.offset_template.format(layer=layer) if self.offset_template else None
 
-    def cell_scores(self, values: torch.Tensor) -> torch.Tensor:
-        """Reduce per-element contributions [batch, pos, ...] of one layer to cells, summed over batch.
+    @property
+    def cell_axes(self) -> tuple[str, ...]:
+        """The score axes of one layer (``axes`` without ``layer``)."""
+        return self.axes[1:]
 
-        Block components and heads sum over the hidden dimension; neurons are single units.
-        Returns [pos] for block components, [head, pos] for heads, [pos, neuron] for neurons.
-        """
-        if self.name == "head":
-            return values.sum(dim=(0, 3)).transpose(0, 1)
-        if self.name == "neuron":
-            return values.sum(dim=0)
-        return values.sum(dim=(0, 2))
+    def node_axes(self, per_position: bool = True) -> tuple[str, ...]:
+        """Axes of this component's circuit nodes: its score axes, without ``position`` when summed."""
+        return self.axes if per_position else tuple(a for a in self.axes if a != "position")
+
+    def cell_scores(self, values: torch.Tensor) -> torch.Tensor:
+        """Reduce per-element contributions [batch, pos, ...] of one layer to cells, summed over the batch
+        and the hidden dimension: [pos] for block components, [head, pos] for heads, [pos, neuron] for
+        neurons (the order of ``cell_axes``)."""
+        summed = tuple(i for i, a in enumerate(self.activation_axes) if a not in self.cell_axes)
+        kept = [a for a in self.activation_axes if a in self.cell_axes]
+        reduced = values.sum(dim=summed)
+        order = [kept.index(a) for a in self.cell_axes]
+        return reduced if order == sorted(order) else reduced.permute(order)
 
     def cell_shape(self, activation: torch.Tensor) -> tuple[int, ...]:
         """Shape of one layer's score tensor for an activation [batch, pos, ...]."""
-        if self.name == "head":
-            return (activation.shape[2], activation.shape[1])
-        if self.name == "neuron":
-            return (activation.shape[1], activation.shape[2])
-        return (activation.shape[1],)
+        return tuple(activation.shape[self.activation_axes.index(a)] for a in self.cell_axes)
 
     def cell_index(self, cell: tuple[int, ...]) -> tuple:
         """Index into an activation [batch, pos, ...] that selects one cell (for every prompt)."""
-        if self.name == "head":
-            head, position = cell
-            return (slice(None), position, head)
-        if self.name == "neuron":
-            position, neuron = cell
-            return (slice(None), position, neuron)
-        (position,) = cell
-        return (slice(None), position)
+        where = dict(zip(self.cell_axes, cell))
+        index = [where.get(a, slice(None)) for a in self.activation_axes]
+        while index and isinstance(index[-1], slice):
+            index.pop()  # trailing full slices select nothing more
+        return tuple(index) if index else (slice(None),)
+
+    def activation_mask(self, mask: torch.Tensor, per_position: bool = True) -> torch.Tensor:
+        """Node masks [copies, *node axes without layer] -> [copies, *activation axes] with size 1 on
+        every axis the nodes do not have (the batch, the hidden dimension, positions when summed), to
+        broadcast against the stacked activations of `copies` copies of a batch."""
+        node_axes = self.node_axes(per_position)[1:]
+        if mask.ndim != 1 + len(node_axes):
+            raise ValueError(f"{self.name} node masks must be [copies, {', '.join(node_axes)}]; got shape {tuple(mask.shape)}")
+        order = [a for a in self.activation_axes if a in node_axes]
+        permuted = mask.permute(0, *[1 + node_axes.index(a) for a in order])
+        sizes = dict(zip(order, permuted.shape[1:]))
+        return permuted.reshape(mask.shape[0], *[sizes.get(a, 1) for a in self.activation_axes])
 
 
 _BLOCK_AXES = ("layer", "position")
+_BLOCK_ACTIVATION = ("batch", "position", "d_model")
 
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
-        Component("resid_pre", "blocks.{layer}.hook_resid_pre", _BLOCK_AXES, "residual stream before the block"),
+        Component("resid_pre", "blocks.{layer}.hook_resid_pre", _BLOCK_AXES, _BLOCK_ACTIVATION, "residual stream before the block"),
         Component(
-            "resid_mid", "blocks.{layer}.hook_attn_out", _BLOCK_AXES, "residual stream between attention and MLP",
-            offset_template="blocks.{layer}.hook_resid_pre",
+            "resid_mid", "blocks.{layer}.hook_attn_out", _BLOCK_AXES, _BLOCK_ACTIVATION,
+            "residual stream between attention and MLP", offset_template="blocks.{layer}.hook_resid_pre",
         ),
-        Component("resid_post", "blocks.{layer}.hook_resid_post", _BLOCK_AXES, "residual stream after the block"),
-        Component("attn_out", "blocks.{layer}.hook_attn_out", _BLOCK_AXES, "attention output (all heads)"),
-        Component("mlp_out", "blocks.{layer}.hook_mlp_out", _BLOCK_AXES, "MLP output"),
-        Component("head", "blocks.{layer}.attn.hook_z", ("layer", "head", "position"), "one attention head's output z"),
-        Component("neuron", "blocks.{layer}.mlp.hook_post", ("layer", "position", "neuron"), "one MLP hidden unit"),
+        Component("resid_post", "blocks.{layer}.hook_resid_post", _BLOCK_AXES, _BLOCK_ACTIVATION, "residual stream after the block"),
+        Component("attn_out", "blocks.{layer}.hook_attn_out", _BLOCK_AXES, _BLOCK_ACTIVATION, "attention output (all heads)"),
+        Component("mlp_out", "blocks.{layer}.hook_mlp_out", _BLOCK_AXES, _BLOCK_ACTIVATION, "MLP output"),
+        Component(
+            "head", "blocks.{layer}.attn.hook_z", ("layer", "head", "position"), ("batch", "position", "head", "d_head"),
+            "one attention head's output z",
+        ),
+        Component(
+            "neuron", "blocks.{layer}.mlp.hook_post", ("layer", "position", "neuron"), ("batch", "position", "neuron"),
+            "one MLP hidden unit",
+        ),
     )
 }
 
 BLOCK_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
-
-#: Per-architecture hook points that differ from the table above (keyed by ``model.cfg.architecture``).
-#: BERT is a post-LayerNorm encoder: the bridge's ``hook_attn_out`` is the output of the whole HF
-#: ``BertAttention``, i.e. ``LayerNorm(resid_pre + attention)``, which is the residual stream after
-#: attention, not the attention output. The attention output proper (all heads, before the residual
-#: sum and the norm) is the output projection's ``attn.o.hook_out``. (``hook_mlp_out`` is already the
-#: MLP's output projection, before its residual sum and norm.)
-#: In a post-LN block the residual stream between attention and MLP is the first norm's output,
-#: ``LayerNorm(resid_pre + attention)``: that is resid_mid there, hooked directly (no offset).
-_POST_LN_ENCODER = {
-    "attn_out": {"hook_template": "blocks.{layer}.attn.o.hook_out"},
-    "resid_mid": {"hook_template": "blocks.{layer}.ln1.hook_out", "offset_template": None},
-}
-ARCHITECTURE_HOOKS: dict[str, dict[str, dict]] = {
-    "BertForMaskedLM": _POST_LN_ENCODER,
-    "BertLMHeadModel": _POST_LN_ENCODER,
-    "RobertaForMaskedLM": _POST_LN_ENCODER,
-}
 
 
 def check_component_names(names: Sequence[str]) -> None:
@@ -157,10 +178,10 @@ def resolve_components(components: str | Iterable[str], model=None) -> list[Comp
 
 
 def component_for(model, name: str) -> Component:
-    """The component `name` with this model's hook points (``ARCHITECTURE_HOOKS``); `model` may be None."""
+    """The component `name` with this model's hook points (its entry in
+    :data:`relp.architectures.ARCHITECTURES`); `model` may be None (the defaults)."""
     component = COMPONENTS[name]
-    architecture = str(getattr(model.cfg, "architecture", "")) if model is not None else ""
-    override = ARCHITECTURE_HOOKS.get(architecture, {}).get(name)
+    override = architecture_of(model).hooks.get(name)
     return component if override is None else dataclasses.replace(component, **override)
 
 

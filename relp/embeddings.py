@@ -16,7 +16,7 @@ method (activation, attribution and relevance patching) and the circuit evaluato
 
 The final hidden state is the one the Hugging Face base model returns as ``last_hidden_state``: the
 output of the last block for post-LayerNorm encoders (BERT), and the final norm's output for
-pre-norm decoders (Llama, GPT-2, ...). See ``FINAL_HIDDEN_HOOKS``.
+pre-norm decoders (Llama, GPT-2, ...). See ``final_hidden`` in :mod:`relp.architectures`.
 
 Pooling over the attention mask: relp never pads (a batch holds texts of one token length), so the
 mask is all ones and mean pooling is the mean over every position, special tokens included, exactly
@@ -35,17 +35,9 @@ from pathlib import Path
 import torch
 from jaxtyping import Float, Int
 
-POOLINGS = ("mean", "cls", "last", "max")
+from relp.architectures import architecture_of
 
-#: Where the final hidden state (HF's ``last_hidden_state``) is, per ``model.cfg.architecture``.
-#: Architectures not listed use ``ln_final.hook_out`` when the model has a final norm (pre-norm
-#: decoders), else the last block's output. BERT's ``ln_final`` belongs to the masked-LM head's
-#: transform, not to the encoder, so BERT reads the last block's output.
-FINAL_HIDDEN_HOOKS: dict[str, str] = {
-    "BertForMaskedLM": "blocks.{last}.hook_resid_post",
-    "BertLMHeadModel": "blocks.{last}.hook_resid_post",
-    "RobertaForMaskedLM": "blocks.{last}.hook_resid_post",
-}
+POOLINGS = ("mean", "cls", "last", "max")
 
 # Pooling recorded when a model is loaded from a sentence-transformers checkpoint (model -> embedding).
 _TRAINED_POOLING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -56,8 +48,11 @@ class _StopForward(Exception):
 
 
 def final_hidden_hook(model) -> str:
-    """The hook name whose activation [batch, pos, d_model] is the model's final hidden state."""
-    template = FINAL_HIDDEN_HOOKS.get(str(getattr(model.cfg, "architecture", "")))
+    """The hook name whose activation [batch, pos, d_model] is the model's final hidden state: the
+    architecture's ``final_hidden`` (:mod:`relp.architectures`), else the final norm's output when the
+    model has a final norm (pre-norm decoders), else the last block's output. (BERT's ``ln_final``
+    belongs to the masked-LM head's transform, not to the encoder: its entry reads the last block.)"""
+    template = architecture_of(model).final_hidden
     last = model.cfg.n_layers - 1
     if template is None:
         template = "ln_final.hook_out" if "ln_final.hook_out" in model.hook_dict else "blocks.{last}.hook_resid_post"

@@ -57,9 +57,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from relp.circuits import Circuit, count_for_percent, empty_circuit, node_order
+from tqdm.auto import tqdm
+
+from relp.circuits import Circuit, count_for_percent, empty_circuit, node_axes, node_order
 from relp.components import component_for
-from relp.metrics import check_metric_value, metric_name
+from relp.interventions import Replacement, activation, cache_activations, hook_names, run_stacked
+from relp.metrics import metric_name
 from relp.models import to_tokens
 
 ABLATIONS = ("corrupt", "mean", "mean_positional", "zero")
@@ -367,7 +370,6 @@ class CircuitEvaluator(_Evaluator):
     def _ablation_values(self, circuit: Circuit) -> None:
         """Fill the cache with the ablation value of each (component, layer) of the circuit not there yet
         (one forward pass per reference batch for all of them)."""
-        from relp.patching import _activation, _cache_activations
 
         todo = [
             (component_for(self.model, name), layer) for name in circuit.components for layer in circuit.layers
@@ -380,20 +382,20 @@ class CircuitEvaluator(_Evaluator):
                 self._ablation_cache[component.name, layer] = torch.zeros((), dtype=self.model.cfg.dtype, device=self.clean.device)
             return
         names = [component.hook_name(layer) for component, layer in todo]
-        names += [component.offset_name(layer) for component, layer in todo if component.offset_template]
+        names += [name for component, layer in todo for name in hook_names(component, layer)[1:]]
         if self.ablation == "corrupt":
-            cache = _cache_activations(self.model, self.corrupted, names)
+            cache = cache_activations(self.model, self.corrupted, names)
             for component, layer in todo:
-                self._ablation_cache[component.name, layer] = _activation(component, layer, cache)
+                self._ablation_cache[component.name, layer] = activation(component, layer, cache)
             return
         sums: dict[tuple[str, int], torch.Tensor] = {}
         count = 0
         for tokens in self.reference:
-            cache = _cache_activations(self.model, tokens, names)
+            cache = cache_activations(self.model, tokens, names)
             for component, layer in todo:
-                activation = _activation(component, layer, cache).to(torch.float64)
+                value = activation(component, layer, cache).to(torch.float64)
                 dims = (0, 1) if self.ablation == "mean" else (0,)
-                sums[component.name, layer] = sums.get((component.name, layer), 0) + activation.sum(dim=dims, keepdim=True)
+                sums[component.name, layer] = sums.get((component.name, layer), 0) + value.sum(dim=dims, keepdim=True)
             count += tokens.shape[0] * (tokens.shape[1] if self.ablation == "mean" else 1)
         for key, total in sums.items():
             self._ablation_cache[key] = (total / count).to(self.model.cfg.dtype)
@@ -411,7 +413,7 @@ class CircuitEvaluator(_Evaluator):
             raise ValueError(f"{cfg.model_name} runs attention and MLP in parallel: there is no resid_mid")
         for component, mask in circuit.nodes.items():
             sizes = {"layer": len(circuit.layers), "position": self.n_positions, "head": cfg.n_heads, "neuron": cfg.d_mlp}
-            expected = tuple(sizes[a] for a in _axes(component, circuit.per_position))
+            expected = tuple(sizes[a] for a in node_axes(component, circuit.per_position))
             if tuple(mask.shape) != expected:
                 raise ValueError(
                     f"{component} nodes have shape {tuple(mask.shape)}; on {self.n_prompts} prompts of "
@@ -439,10 +441,6 @@ class CircuitEvaluator(_Evaluator):
         return torch.tensor([self._value_cache[key] for key in keys], dtype=torch.float64)
 
     def _run(self, items: list[tuple[tuple, Circuit]]) -> None:
-        from tqdm.auto import tqdm
-
-        from relp.patching import _output
-
         copies_per_pass = max(1, self.batch_size // self.n_prompts)
         groups: dict[tuple, list] = {}
         for key, circuit in items:
@@ -450,22 +448,20 @@ class CircuitEvaluator(_Evaluator):
         chunks = [g[i : i + copies_per_pass] for g in groups.values() for i in range(0, len(g), copies_per_pass)]
         for chunk in tqdm(chunks, desc="circuit evaluation", disable=not self.progress, unit="pass"):
             circuits = [c for _, c in chunk]
-            hooks = self._hooks(circuits)
-            with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-                outputs = _output(self.model, self.clean.repeat(len(circuits), 1), self.metric, self.logits_to_keep)
+            values = run_stacked(
+                self.model, self.clean, len(circuits), self._replacements(circuits), self.metric,
+                labels=[f"a circuit of {c.n_nodes} nodes" for c in circuits], logits_to_keep=self.logits_to_keep,
+            )
             self.forward_passes += 1
             self.rows += len(circuits) * self.n_prompts
-            for i, (key, circuit) in enumerate(chunk):
-                part = outputs[i * self.n_prompts : (i + 1) * self.n_prompts]
-                value = check_metric_value(self.metric(part), self.metric, f"a circuit of {circuit.n_nodes} nodes")
+            for (key, _), value in zip(chunk, values):
                 self._value_cache[key] = value.item()
 
-    def _hooks(self, circuits: list[Circuit]) -> list:
+    def _replacements(self, circuits: list[Circuit]) -> list[Replacement]:
+        """Each circuit's ablation of the nodes outside it, one circuit per stacked copy."""
         first = circuits[0]
-        copies, n = len(circuits), self.n_prompts
-        hooks = []
-        current: dict[str, torch.Tensor] = {}
         self._ablation_values(first)
+        replacements = []
         for name in first.components:
             component = component_for(self.model, name)
             stacked = torch.stack([c.nodes[name] for c in circuits])  # [copies, layer, ...]
@@ -473,52 +469,9 @@ class CircuitEvaluator(_Evaluator):
                 mask = stacked[:, i]
                 if bool(mask.all()):
                     continue  # every node kept: the activation is left as it is
-                keep = _activation_mask(name, mask, first.per_position).to(self.clean.device)
-                value = self._ablation_cache[name, layer]
-                offset_name = component.offset_name(layer)
-                if offset_name:
-                    hooks.append((offset_name, _store(current, offset_name)))
-                hooks.append((component.hook_name(layer), _ablate(keep, value, copies, n, current, offset_name)))
-        return hooks
-
-
-def _store(store: dict, name: str):
-    def hook(x, hook):
-        store[name] = x
-        return x
-
-    return hook
-
-
-def _ablate(keep: torch.Tensor, value: torch.Tensor, copies: int, n: int, current: dict, offset_name: str | None):
-    def hook(x, hook):
-        stacked = x.reshape(copies, n, *x.shape[1:])
-        target = value.to(x.dtype)
-        if target.ndim:
-            target = target.unsqueeze(0)  # [1, n or 1, pos or 1, ...]
-        if offset_name is not None:  # resid_mid through attn_out: attn_out := target - resid_pre
-            target = target - current[offset_name].reshape(copies, n, *x.shape[1:])
-        return torch.where(keep, stacked, target).reshape(x.shape)
-
-    return hook
-
-
-def _axes(component: str, per_position: bool) -> tuple[str, ...]:
-    from relp.circuits import node_axes
-
-    return node_axes(component, per_position)
-
-
-def _activation_mask(component: str, mask: torch.Tensor, per_position: bool) -> torch.Tensor:
-    """Node mask [copies, *node axes without layer] -> broadcastable to activations [copies, n, pos, ...]."""
-    if component == "head":  # hook_z [.., pos, head, d_head]
-        m = mask.transpose(1, 2) if per_position else mask[:, None, :]
-        return m[:, None, :, :, None]
-    if component == "neuron":  # hook_post [.., pos, neuron]
-        m = mask if per_position else mask[:, None, :]
-        return m[:, None]
-    m = mask if per_position else mask[:, None]  # [.., pos, d]
-    return m[:, None, :, None]
+                keep = component.activation_mask(mask, first.per_position)
+                replacements.append(Replacement(component, layer, keep, self._ablation_cache[name, layer]))
+        return replacements
 
 
 class PooledEvaluator(_Evaluator):

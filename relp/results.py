@@ -12,12 +12,7 @@ import numpy as np
 import torch
 
 from relp.components import COMPONENTS
-
-METHOD_LABELS = {
-    "activation_patching": "AP",
-    "attribution_patching": "AtP",
-    "relevance_patching": "RelP",
-}
+from relp.methods import method_label
 
 
 @dataclass
@@ -56,8 +51,8 @@ class PatchingResult:
 
     @property
     def label(self) -> str:
-        """Short method label: AP, AtP or RelP."""
-        return METHOD_LABELS.get(self.method, self.method)
+        """Short method label from the method registry (AP, AtP, RelP, ...)."""
+        return method_label(self.method)
 
     def __getitem__(self, component: str) -> torch.Tensor:
         if component not in self.scores:

@@ -138,12 +138,16 @@ def test_resid_mid_patches_the_residual_stream(architecture, float64_default):
 
 
 def test_resid_mid_is_refused_where_it_is_not_resid_pre_plus_attn_out(monkeypatch):
-    """A post-LN block (BERT) without its entry in ARCHITECTURE_HOOKS: resid_pre + attn_out is not the
-    stream entering the MLP there, and the run check refuses resid_mid instead of patching a wrong sum."""
-    import relp.components
+    """A post-LN block (BERT) without its entry in relp.architectures (read as a pre-norm decoder):
+    resid_pre + attn_out is not the stream entering the MLP there, and the run check refuses resid_mid
+    instead of patching a wrong sum."""
+    import dataclasses
+
+    import relp.architectures
 
     model = tiny_model("bert")
-    monkeypatch.setitem(relp.components.ARCHITECTURE_HOOKS, "BertForMaskedLM", {})
+    unlisted = dataclasses.replace(relp.architectures.DEFAULT, name="bert", classes=("BertForMaskedLM",))
+    monkeypatch.setitem(relp.architectures.ARCHITECTURES, "bert", unlisted)
     clean, corrupted, metric = _prompts(model)
     with pytest.raises(ValueError, match="resid_mid is not defined"):
         relp.attribution_patching(model, clean, corrupted, metric, ["resid_mid"])

@@ -1,0 +1,252 @@
+"""The intervention engine: running a model with activations read or replaced.
+
+Everything that runs a model with hooks goes through here: activation patching, the gradient runs of
+attribution and relevance patching, and the circuit evaluator's ablations.
+
+* :func:`model_output` is what a metric reads from a forward pass: its readout's output (e.g. a pooled
+  sentence embedding) or the logits, optionally only the last ``logits_to_keep`` positions of them.
+* :func:`capture_hooks` and :func:`cache_activations` read activations; :func:`activation` is a
+  component's activation from such a cache (for ``resid_mid``: the hooked ``attn_out`` plus its offset
+  ``resid_pre``).
+* :func:`run_stacked` runs ``copies`` stacked copies of one batch, each with its own
+  :class:`Replacement`\\ s (a cell patched, a set of nodes ablated), and returns the metric of each copy.
+  A replacement names a component's *activation* value; for ``resid_mid``, which is patched through
+  ``attn_out``, the engine subtracts the copy's own ``resid_pre`` (attn_out := target - resid_pre).
+* :class:`BlockReplay` records the base run's block outputs and replays them for the blocks before the
+  first replaced layer, which cannot depend on the replacement.
+* :func:`check_resid_mid` checks on a run that resid_pre + attn_out is the stream entering the MLP's
+  norm (:mod:`relp.architectures`), the condition under which resid_mid may be patched through attn_out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from relp.architectures import architecture_of
+from relp.components import Component
+from relp.metrics import check_metric_value, metric_name
+
+
+def model_output(model, tokens: torch.Tensor, metric, logits_to_keep: int | None = None) -> torch.Tensor:
+    """What `metric` reads from a forward pass: its ``readout(model, tokens)`` if it has one (e.g. the
+    pooled embedding of ``relp.SentenceEmbedding``), else the logits [batch, pos, vocab] (or only the
+    last `logits_to_keep` positions of them)."""
+    readout = getattr(metric, "readout", None)
+    if readout is not None:
+        if logits_to_keep is not None:
+            raise ValueError(
+                f"logits_to_keep={logits_to_keep} applies to logits, but metric {metric_name(metric)} reads "
+                f"{getattr(readout, 'name', readout)!r}; leave logits_to_keep=None"
+            )
+        return readout(model, tokens)
+    if logits_to_keep is None:
+        return model(tokens)
+    if not 1 <= logits_to_keep <= tokens.shape[1]:
+        raise ValueError(f"logits_to_keep must be in 1..{tokens.shape[1]} (the prompt length); got {logits_to_keep}")
+    try:
+        return model(tokens, logits_to_keep=logits_to_keep)  # HF computes the unembedding only there
+    except TypeError:
+        return model(tokens)[:, -logits_to_keep:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading activations
+
+
+def capture_hooks(store: dict[str, torch.Tensor], names: Iterable[str], *, detach: bool) -> list:
+    """Hooks that store each named activation in `store` and pass it on unchanged (``detach=True``: a
+    detached copy; else the tensor itself, in the autograd graph)."""
+
+    def capture(name):
+        def hook(x, hook):
+            store[name] = x.detach().clone() if detach else x
+            return x  # returning it keeps reshaped views (hook_z) in the autograd graph
+
+        return hook
+
+    return [(name, capture(name)) for name in dict.fromkeys(names)]
+
+
+def cache_activations(model, tokens: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named activations of one no-grad forward pass (detached copies)."""
+    cache: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=capture_hooks(cache, names, detach=True)):
+        model(tokens)
+    return cache
+
+
+def hook_names(component: Component, layer: int) -> list[str]:
+    """The hook points a component's activation at `layer` is read from: its hook and its offset."""
+    offset = component.offset_name(layer)
+    return [component.hook_name(layer)] + ([offset] if offset else [])
+
+
+def activation(component: Component, layer: int, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The component's activation from a cache: the hooked tensor, plus the offset for resid_mid."""
+    value = cache[component.hook_name(layer)]
+    offset = component.offset_name(layer)
+    return value if offset is None else value + cache[offset]
+
+
+def check_resid_mid(model, layers: Sequence[int], tokens: torch.Tensor) -> None:
+    """resid_pre + attn_out must be the stream entering the MLP's norm, else resid_mid is undefined."""
+    stream_template = architecture_of(model).mlp_input_stream
+    if stream_template is None:
+        raise ValueError(
+            f"on {model.cfg.model_name} ({model.cfg.architecture}) relp knows no stream entering the MLP's norm "
+            "to check resid_pre + attn_out against; resid_mid is not defined for this architecture. Use resid_pre, "
+            "attn_out or mlp_out"
+        )
+    names = [n for l in layers for n in (f"blocks.{l}.hook_resid_pre", f"blocks.{l}.hook_attn_out", stream_template.format(layer=l))]
+    cache = cache_activations(model, tokens[:1], names)
+    for layer in layers:
+        mid = cache[f"blocks.{layer}.hook_resid_pre"] + cache[f"blocks.{layer}.hook_attn_out"]
+        stream = cache[stream_template.format(layer=layer)]
+        if not torch.allclose(mid, stream, rtol=1e-4, atol=1e-4 * stream.abs().max().item()):
+            raise ValueError(
+                f"on {model.cfg.model_name}, resid_pre + attn_out is not the stream entering the MLP's norm at "
+                f"layer {layer} (max difference {(mid - stream).abs().max().item():.3g}); resid_mid is not "
+                "defined for this architecture. Use resid_pre, attn_out or mlp_out"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Replacing activations in stacked copies of a batch
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """Replace one component's activation at one layer, copy by copy.
+
+    ``keep`` is a boolean mask broadcastable to the stacked activations [copies, batch, *activation
+    axes] (see :meth:`relp.components.Component.activation_mask`): True keeps the run's own value,
+    False takes ``value``. ``value`` is the component's replacement activation for one copy: a tensor
+    broadcastable to [batch, *activation axes] (e.g. the other run's activation, a mean with size-1
+    axes) or a scalar.
+    """
+
+    component: Component
+    layer: int
+    keep: torch.Tensor
+    value: torch.Tensor
+
+
+def _replace_hook(replacement: Replacement, copies: int, n: int, offsets: dict[str, torch.Tensor]) -> Callable:
+    offset_name = replacement.component.offset_name(replacement.layer)
+    keep, value = replacement.keep, replacement.value
+
+    def hook(x, hook):
+        stacked = x.reshape(copies, n, *x.shape[1:])
+        target = value.to(x.dtype)
+        if target.ndim:
+            target = target.unsqueeze(0)  # [1, n or 1, pos or 1, ...]: the same for every copy
+        if offset_name is not None:  # resid_mid through attn_out: attn_out := target - resid_pre (this copy's)
+            target = target - offsets[offset_name].reshape(copies, n, *x.shape[1:])
+        return torch.where(keep.to(x.device), stacked, target).reshape(x.shape)
+
+    return hook
+
+
+def replacement_hooks(replacements: Sequence[Replacement], copies: int, n: int) -> list:
+    """The forward hooks that carry out `replacements` on `copies` stacked copies of a batch of `n`."""
+    offsets: dict[str, torch.Tensor] = {}
+    hooks = []
+    for replacement in replacements:
+        offset_name = replacement.component.offset_name(replacement.layer)
+        if offset_name is not None:
+            hooks += capture_hooks(offsets, [offset_name], detach=True)
+        hooks.append((replacement.component.hook_name(replacement.layer), _replace_hook(replacement, copies, n, offsets)))
+    return hooks
+
+
+def run_stacked(
+    model,
+    tokens: torch.Tensor,
+    copies: int,
+    replacements: Sequence[Replacement],
+    metric,
+    *,
+    labels: Sequence[str],
+    logits_to_keep: int | None = None,
+    replay: "BlockReplay | None" = None,
+) -> list[torch.Tensor]:
+    """The metric of each of `copies` stacked copies of the batch `tokens`, run with `replacements`
+    (no gradient). `labels` name the copies in errors (a metric that is not a scalar, ...). With a
+    recorded `replay`, the blocks before the first replaced layer are replayed, not recomputed."""
+    n = tokens.shape[0]
+    first_layer = min((r.layer for r in replacements), default=0)
+    skip = replay.skipping(first_layer, copies) if replay is not None else contextlib.nullcontext()
+    with torch.no_grad(), model.hooks(fwd_hooks=replacement_hooks(replacements, copies, n)), skip:
+        outputs = model_output(model, tokens.repeat(copies, 1), metric, logits_to_keep)
+    return [
+        check_metric_value(metric(outputs[i * n : (i + 1) * n]), metric, label) for i, label in zip(range(copies), labels)
+    ]
+
+
+class BlockReplay:
+    """Replays the base run's block outputs for the blocks before the patched layer.
+
+    Blocks before layer l compute the same thing with or without a patch at layer l, so their output
+    can be taken from the base run instead of being recomputed (expanded to the stacked copies).
+    Disabled by itself when a block's output is not a batch-first tensor or a tuple of them.
+    """
+
+    def __init__(self, model, n_prompts: int):
+        self.blocks = list(getattr(model, "blocks", []))
+        self.n_prompts = n_prompts
+        self.outputs: list = [None] * len(self.blocks)
+        self.usable = bool(self.blocks)
+        self._expanded: dict[tuple[int, int], object] = {}
+
+    @contextlib.contextmanager
+    def recording(self):
+        def record(index):
+            def hook(module, args, output):
+                self.outputs[index] = output
+
+            return hook
+
+        handles = [block.register_forward_hook(record(i)) for i, block in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.usable = self.usable and all(self._replayable(o) for o in self.outputs)
+
+    def _replayable(self, output) -> bool:
+        if isinstance(output, torch.Tensor):
+            return output.ndim >= 1 and output.shape[0] == self.n_prompts
+        if isinstance(output, tuple) and output:
+            return self._replayable(output[0]) and all(o is None or self._replayable(o) for o in output[1:])
+        return False
+
+    def _expand(self, output, copies: int):
+        if isinstance(output, torch.Tensor):
+            return output.repeat(copies, *([1] * (output.ndim - 1)))
+        return tuple(None if o is None else self._expand(o, copies) for o in output)
+
+    @contextlib.contextmanager
+    def skipping(self, layer: int, copies: int):
+        if not self.usable or layer == 0:
+            yield
+            return
+        replaced = []
+        try:
+            for index in range(layer):
+                key = (index, copies)
+                if key not in self._expanded:
+                    self._expanded = {k: v for k, v in self._expanded.items() if k[1] == copies}
+                    self._expanded[key] = self._expand(self.outputs[index], copies)
+                block = self.blocks[index]
+                # object.__setattr__: bridge components forward attribute writes to the HF module
+                object.__setattr__(block, "forward", lambda *args, _output=self._expanded[key], **kwargs: _output)
+                replaced.append(block)
+            yield
+        finally:
+            for block in replaced:
+                object.__delattr__(block, "forward")  # back to the class's forward

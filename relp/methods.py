@@ -1,0 +1,145 @@
+"""The method registry: one entry per scoring method, and everything that derives from it.
+
+An entry (:class:`Method`) holds a method's key (``ap``, ``atp``, ``relp``), its function, its name as
+recorded in results (``PatchingResult.method``, the function's name), display name, short label, plot
+colour, the keyword options the experiments pass it, and its cost in forward-pass equivalents. The
+command line's ``--methods`` choices, the experiments' per-method options, result labels, tables,
+legends and colours all read this registry.
+
+=====  ======================  =====  =======  ======================================  =====================
+key    function                label  colour   experiment options                      cost
+=====  ======================  =====  =======  ======================================  =====================
+ap     activation_patching     AP     black    batch_size, progress, logits_to_keep    1 forward per cell
+atp    attribution_patching    AtP    blue     (none)                                  2 forward + 1 backward
+relp   relevance_patching      RelP   red      rules                                   2 forward + 1 backward
+=====  ======================  =====  =======  ======================================  =====================
+
+Entries are declared where their function is defined, by decorating it (as zennit registers its
+composites by name)::
+
+    @register_method("ig", label="IG", display_name="integrated gradients", color="tab:green",
+                     options=("rules",), cost=Cost(forward=12, backward=10))
+    def integrated_gradients(model, clean, corrupted, metric, components=BLOCK_COMPONENTS, *, rules=None, ...):
+        ...
+
+Adding a method is that function plus that entry: it then appears in ``relp ioi --methods``, in the
+experiments' tables, in plot legends and in ``PatchingResult.label``. Every method takes ``(model,
+clean, corrupted, metric, components, *, direction=..., layers=...)`` and returns a
+:class:`relp.PatchingResult`. The experiment options a method may declare are the keys of
+:data:`EXPERIMENT_OPTIONS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+#: Options the experiment scripts can pass a method (an entry names those its function accepts).
+EXPERIMENT_OPTIONS = {
+    "batch_size": "rows per forward pass (stacked copies of the batch)",
+    "progress": "show a progress bar",
+    "logits_to_keep": "the metric reads only the last k positions' logits (set by experiments whose metric does)",
+    "rules": "LRP rule preset or rule names (relp.rules)",
+}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A method's cost in passes over the batch. A backward pass counts as two forward passes."""
+
+    forward: float
+    backward: float = 0
+    per_cell: bool = False  # forward passes per scored cell (activation patching), before stacking
+
+    def forward_equivalents(self, n_cells: int = 1) -> float:
+        """Forward-pass equivalents for scoring `n_cells` cells."""
+        return (self.forward + 2 * self.backward) * (n_cells if self.per_cell else 1)
+
+    def __str__(self) -> str:
+        if self.per_cell:
+            return f"{self.forward:g} forward per cell"
+        return f"{self.forward:g} forward" + (f" + {self.backward:g} backward" if self.backward else "")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One scoring method (see the module docstring)."""
+
+    key: str
+    function: Callable
+    label: str
+    display_name: str
+    color: str
+    cost: Cost
+    options: tuple[str, ...] = ()
+    exact: bool = False  # the ground truth other methods are compared with
+
+    @property
+    def name(self) -> str:
+        """The name results record (``PatchingResult.method``): the function's name."""
+        return self.function.__name__
+
+    def __call__(self, model, clean, corrupted, metric, components, **options):
+        return self.function(model, clean, corrupted, metric, components, **options)
+
+    def experiment_options(self, settings: dict) -> dict:
+        """The experiment `settings` this method takes (its declared options that are set)."""
+        return {key: settings[key] for key in self.options if key in settings}
+
+
+#: key -> Method, in registration order (the order of tables and legends).
+METHODS: dict[str, Method] = {}
+
+
+def register_method(
+    key: str,
+    *,
+    label: str,
+    display_name: str,
+    color: str,
+    cost: Cost,
+    options: tuple[str, ...] = (),
+    exact: bool = False,
+) -> Callable[[Callable], Callable]:
+    """Decorator: register the decorated scoring function under `key` (returns it unchanged)."""
+    unknown = [o for o in options if o not in EXPERIMENT_OPTIONS]
+    if unknown:
+        raise ValueError(f"method {key!r}: unknown option(s) {unknown}; expected names from {sorted(EXPERIMENT_OPTIONS)}")
+
+    def register(function: Callable) -> Callable:
+        taken = [m.key for m in METHODS.values() if key == m.key or label == m.label or function.__name__ == m.name]
+        if taken:
+            raise ValueError(f"method {key!r} ({label}, {function.__name__}) clashes with the registered {taken}")
+        METHODS[key] = Method(key, function, label, display_name, color, cost, tuple(options), exact)
+        return function
+
+    return register
+
+
+def get_method(key: str) -> Method:
+    """The entry whose key, result name (``PatchingResult.method``) or label is `key`."""
+    for method in METHODS.values():
+        if key in (method.key, method.name, method.label):
+            return method
+    raise KeyError(f"unknown method {key!r}; registered: {', '.join(METHODS)}")
+
+
+def method_label(key: str) -> str:
+    """Short label (AP, AtP, RelP) of a method key or result name; an unregistered name as it is."""
+    try:
+        return get_method(key).label
+    except KeyError:
+        return key
+
+
+def method_color(key: str) -> str | None:
+    """Plot colour of a method key, result name or label; None (matplotlib's cycle) if unregistered."""
+    try:
+        return get_method(key).color
+    except KeyError:
+        return None
+
+
+def reference_method() -> Method:
+    """The exact method every estimate is compared with (activation patching)."""
+    return next(m for m in METHODS.values() if m.exact)
