@@ -8,6 +8,7 @@ EXPERIMENTS = {
     "ioi": "relp.experiments.ioi",
     "faithfulness": "relp.experiments.faithfulness",
     "embedding": "relp.experiments.embedding",
+    "embedding-rule-ablation": "relp.experiments.rule_ablation",
 }
 
 

@@ -1,17 +1,27 @@
-"""Pieces shared by the experiment scripts: method names, common options, library versions, and the
-output files (results.json, results.md, positions.csv, scores, figures) that every experiment writes."""
+"""Pieces shared by the experiment scripts: method options, scoring, agreement, library versions, and the
+output files (results.json, results.md, positions.csv, scores, figures) that every experiment writes.
+
+An experiment scores (:func:`score_batches`), then summarises (:func:`position_tables`,
+:func:`summarise`), then writes (:func:`write_outputs`); each step returns what it made. Methods,
+their options and their labels come from the method registry (:mod:`relp.methods`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-METHODS = {"ap": "activation_patching", "atp": "attribution_patching", "relp": "relevance_patching"}
+import relp
+from relp.methods import METHODS, get_method, method_label, reference_method
+from relp.metrics import agreement
+from relp.tasks import aggregate_by_position
+
 CORRUPTIONS = ["abc", "s2_io_flip", "io_s_swap"]
 
 
@@ -23,42 +33,70 @@ def add_model_and_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """--methods, --rules, --device, --dtype: identical in every experiment."""
-    parser.add_argument("--methods", nargs="+", default=["ap", "atp", "relp"], choices=sorted(METHODS))
+    """--methods (every registered method), --rules, --device, --dtype: identical in every experiment."""
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+        help="scoring methods (relp.methods registry; default: all of them: " + ", ".join(
+            f"{m.key} = {m.display_name}" for m in METHODS.values()) + ")",
+    )
     parser.add_argument("--rules", default="relp", help="LRP rule preset for relevance patching (default: relp)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
 
 
-def score_batch(model, batch, metric, args, results: dict, tables: dict, *, label: str, ap_options=None) -> None:
-    """Score one layout batch with every method of ``args.methods`` (components, rules, batch size from
-    `args`); append each result to ``results[method]`` and add its per-position table to ``tables``."""
-    import relp
-    from relp.tasks import aggregate_by_position
+def require_reference(methods, experiment: str) -> None:
+    """Agreement needs the exact method: a clear exit when it is not among `methods`."""
+    reference = reference_method()
+    if reference.key not in methods:
+        raise SystemExit(
+            f"the {experiment} experiment compares methods with {reference.display_name}: keep '{reference.key}' in --methods"
+        )
 
-    for method in args.methods:
-        kwargs = {"components": args.components}
-        if method == "ap":
-            kwargs.update(batch_size=args.batch_size, progress=True, **(ap_options or {}))
-        if method == "relp":
-            kwargs.update(rules=args.rules)
-        print(f"  {label}: {method}")
-        result = getattr(relp, METHODS[method])(model, batch.clean_tokens, batch.corrupted_tokens, metric, **kwargs)
-        result.metadata["position_labels"] = batch.position_labels()
-        results[method].append(result)
-        for component in args.components:
-            position_dim = 1 if component == "neuron" else -1
-            table = aggregate_by_position(result[component], batch, position_dim=position_dim)
-            tables[method][component] = tables[method].get(component, 0) + table
+
+def score_batches(model, jobs, methods, components, settings: dict) -> dict[str, list]:
+    """{method key: [PatchingResult per batch]}: every method of `methods` on every job.
+
+    `jobs` are (batch, metric, label) triples (a layout batch of clean/corrupted tokens, its metric, a
+    label for progress lines); `settings` holds the experiment's options (``batch_size``, ``progress``,
+    ``logits_to_keep``, ``rules``), of which each method receives the ones its registry entry declares.
+    Each result carries the batch's position labels in ``metadata["position_labels"]``.
+    """
+    results: dict[str, list] = {key: [] for key in methods}
+    for batch, metric, label in jobs:
+        for key in methods:
+            method = get_method(key)
+            print(f"  {label}: {key}")
+            result = method(model, batch.clean_tokens, batch.corrupted_tokens, metric, components, **method.experiment_options(settings))
+            result.metadata["position_labels"] = batch.position_labels()
+            results[key].append(result)
+    return results
+
+
+def position_tables(results: dict[str, list], batches, components) -> dict[str, dict]:
+    """{method: {component: PositionScores}}: each method's scores per named position, over all batches."""
+    tables: dict[str, dict] = {}
+    for key, method_results in results.items():
+        tables[key] = {}
+        for component in components:
+            position_dim = relp.COMPONENTS[component].axes.index("position")
+            for result, batch in zip(method_results, batches):
+                table = aggregate_by_position(result[component], batch, position_dim=position_dim)
+                tables[key][component] = tables[key].get(component, 0) + table
+    return tables
+
+
+def summarise(results: dict[str, list], *, top_k: int = 10) -> dict:
+    """Agreement of every method with the reference (:func:`agreement_summary`) and time per method."""
+    return {
+        "agreement": agreement_summary(results, top_k=top_k),
+        "timings_s": {key: sum(r.seconds for r in rs) for key, rs in results.items()},
+    }
 
 
 def finish(out: Path, summary: dict, markdown, results: dict, tables: dict, args, started: float) -> dict:
-    """Add agreement, timings and versions to `summary`, write every output file, and return it."""
-    import time
-
-    summary["agreement"] = agreement_summary(results, top_k=args.top_k)
-    summary["timings_s"] = {m: sum(r.seconds for r in rs) for m, rs in results.items()}
-    summary["versions"] = versions()
+    """`summary` completed with agreement, timings, versions and the total time; every output file
+    written. Returns the completed summary."""
+    summary = {**summary, **summarise(results, top_k=args.top_k), "versions": versions()}
     summary["total_seconds"] = time.perf_counter() - started
     write_outputs(out, summary, markdown(summary, top_k=args.top_k), results, tables, args.components,
                   figures=not args.no_figures)
@@ -70,8 +108,6 @@ def versions() -> dict:
     """Versions of the libraries a result depends on, for results files."""
     import transformer_lens
     import transformers
-
-    import relp
 
     return {
         "relp": relp.__version__,
@@ -89,14 +125,13 @@ def _json_default(value):
 
 
 def agreement_summary(results: dict[str, list], *, top_k: int = 10) -> dict:
-    """{method: {component: statistics}} of every method against activation patching ("ap")."""
-    from relp.metrics import agreement
-
+    """{method: {component: statistics}} of every method against the reference (activation patching)."""
+    reference = reference_method().key
     summary = {}
     for method, method_results in results.items():
-        if method == "ap":
+        if method == reference:
             continue
-        table = agreement(method_results, results["ap"], top_k=top_k)
+        table = agreement(method_results, results[reference], top_k=top_k)
         summary[method] = {
             component: {
                 "pearson": row.pearson,
@@ -114,7 +149,6 @@ def agreement_markdown(summary: dict, *, top_k: int = 10) -> str:
     """Agreement tables (rows: model; columns: component x method) and the wall time per method."""
     components = summary["components"]
     methods = [m for m in summary["agreement"]]
-    label = {"atp": "AtP", "relp": "RelP"}
     lines = []
     for statistic, title in (
         ("pearson", "Pearson r"),
@@ -122,11 +156,11 @@ def agreement_markdown(summary: dict, *, top_k: int = 10) -> str:
         (f"top{top_k}_overlap", f"top-{top_k} overlap"),
         ("pearson_without_max", "Pearson r without the largest-|AP| cell"),
     ):
-        header = "| model | " + " | ".join(f"{c} {label.get(m, m)}" for c in components for m in methods) + " |"
+        header = "| model | " + " | ".join(f"{c} {method_label(m)}" for c in components for m in methods) + " |"
         lines += [f"## {title}", "", header, "|" + "---|" * (1 + len(components) * len(methods))]
         cells = [f"{summary['agreement'][m][c][statistic]:.3f}" for c in components for m in methods]
         lines += [f"| {summary['model']} | " + " | ".join(cells) + " |", ""]
-    timings = ", ".join(f"{label.get(m, m.upper())} {s:.1f} s" for m, s in summary["timings_s"].items())
+    timings = ", ".join(f"{method_label(m)} {s:.1f} s" for m, s in summary["timings_s"].items())
     lines += [f"Wall time per method: {timings}.", ""]
     return "\n".join(lines)
 
@@ -150,12 +184,10 @@ def _write_position_table(tables: dict, path: Path) -> None:
     frames = []
     for method, by_component in tables.items():
         for component, table in by_component.items():
-            if component in ("head",):
-                frame = table.to_frame(dims=["layer", "head"])
-            elif component == "neuron":
-                continue
-            else:
-                frame = table.to_frame(dims=["layer"])
+            axes = relp.COMPONENTS[component].axes
+            if "neuron" in axes:
+                continue  # one row per neuron: too long to be a table worth reading
+            frame = table.to_frame(dims=[a for a in axes if a != "position"])
             frame.insert(0, "component", component)
             frame.insert(0, "method", method)
             frames.append(frame)
@@ -181,13 +213,14 @@ def _write_figures(results: dict, components: list[str], out: Path) -> None:
             for i, (tok, lab) in enumerate(zip(tokens, labels))
         ] if labels else None
         for component in components:
-            if component == "neuron":
-                continue
+            if "neuron" in relp.COMPONENTS[component].axes:
+                continue  # a layer x neuron map per method is not readable
             fig = plotting.plot_scores(result, [component], position_labels=position_labels, path=figures / f"heatmap_{method}_{component}.png")
             plt.close(fig)
-    reference = pool_results(results["ap"])
+    reference_key = reference_method().key
+    reference = pool_results(results[reference_key])
     for method, rs in results.items():
-        if method == "ap":
+        if method == reference_key:
             continue
         pooled = pool_results(rs)
         for component in components:

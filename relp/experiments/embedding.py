@@ -24,7 +24,18 @@ from pathlib import Path
 
 import torch
 
-from relp.experiments.common import add_method_arguments, agreement_markdown, finish, score_batch
+import relp
+from relp.embeddings import SentenceEmbedding
+from relp.experiments.common import (
+    add_method_arguments,
+    agreement_markdown,
+    finish,
+    position_tables,
+    require_reference,
+    score_batches,
+)
+from relp.metrics import CosineSimilarity, SimilarityDifference
+from relp.tasks import make_contrast_dataset
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -47,16 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, model=None) -> dict:
-    """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests)."""
-    import relp
-    from relp.embeddings import SentenceEmbedding
-    from relp.metrics import CosineSimilarity, SimilarityDifference
-    from relp.tasks import make_contrast_dataset
-
+    """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests).
+    Returns the summary written to results.json."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if "ap" not in args.methods:
-        raise SystemExit("the embedding experiment compares methods with activation patching: keep 'ap' in --methods")
+    require_reference(args.methods, "embedding")
     started = time.perf_counter()
     if model is None:
         model = relp.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -74,21 +80,14 @@ def run(args: argparse.Namespace, model=None) -> dict:
     batches = list(data.batches())
     print(f"{model_name}: {len(data)} contrast pairs, {embedding.name}, {len(batches)} layout batch(es)")
 
-    results: dict[str, list] = {m: [] for m in args.methods}
-    tables: dict[str, dict[str, object]] = {m: {} for m in args.methods}
-    clean_similarities, corrupted_similarities = [], []
+    jobs, clean_similarities, corrupted_similarities = [], [], []
     for index, batch in enumerate(batches):
-        clean, corrupted = batch.clean_tokens, batch.corrupted_tokens
-        anchors = embedding.embed(model, batch.anchor_texts)
-        similarity = CosineSimilarity(anchors, embedding)
-        with torch.no_grad():
-            clean_similarities.append(similarity.per_text(embedding(model, clean)))
-            corrupted_similarities.append(similarity.per_text(embedding(model, corrupted)))
-        metric = SimilarityDifference(
-            anchors, clean_similarities[-1].mean().item(), corrupted_similarities[-1].mean().item(), embedding
-        )
-        label = f"batch {index + 1}/{len(batches)} ({len(batch)} pairs, {batch.length} tokens)"
-        score_batch(model, batch, metric, args, results, tables, label=label)
+        metric, clean, corrupted = contrast_metric(model, batch, embedding)
+        clean_similarities.append(clean)
+        corrupted_similarities.append(corrupted)
+        jobs.append((batch, metric, f"batch {index + 1}/{len(batches)} ({len(batch)} pairs, {batch.length} tokens)"))
+    settings = {"batch_size": args.batch_size, "progress": True, "rules": args.rules}
+    results = score_batches(model, jobs, args.methods, args.components, settings)
 
     clean_similarity = torch.cat(clean_similarities)
     corrupted_similarity = torch.cat(corrupted_similarities)
@@ -108,7 +107,18 @@ def run(args: argparse.Namespace, model=None) -> dict:
         "n_layout_batches": len(batches),
         "load_seconds": load_seconds,
     }
-    return finish(out, summary, results_markdown, results, tables, args, started)
+    return finish(out, summary, results_markdown, results, position_tables(results, batches, args.components), args, started)
+
+
+def contrast_metric(model, batch, embedding: SentenceEmbedding) -> tuple[SimilarityDifference, torch.Tensor, torch.Tensor]:
+    """The batch's normalised similarity difference, with the clean and corrupted candidates' cosine
+    similarities to their anchors."""
+    anchors = embedding.embed(model, batch.anchor_texts)
+    similarity = CosineSimilarity(anchors, embedding)
+    with torch.no_grad():
+        clean = similarity.per_text(embedding(model, batch.clean_tokens))
+        corrupted = similarity.per_text(embedding(model, batch.corrupted_tokens))
+    return SimilarityDifference(anchors, clean.mean().item(), corrupted.mean().item(), embedding), clean, corrupted
 
 
 def results_markdown(summary: dict, *, top_k: int = 10) -> str:

@@ -32,9 +32,13 @@ from pathlib import Path
 
 import torch
 
-from relp.experiments.common import CORRUPTIONS, METHODS, add_model_and_method_arguments, versions
-
-LABELS = {"ap": "AP", "atp": "AtP", "relp": "RelP"}
+import relp
+from relp.circuits import empty_circuit, select_circuit, to_mib_json
+from relp.experiments.common import CORRUPTIONS, add_model_and_method_arguments, score_batches, versions
+from relp.faithfulness import CircuitEvaluator, PooledEvaluator, cpr_cmd, random_baseline
+from relp.methods import method_label
+from relp.metrics import LogitDiff
+from relp.tasks import make_ioi_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _split_prompts(model, args):
     """(scoring batches, evaluation batches, description): disjoint prompts; one layout when per position."""
-    from relp.tasks import make_ioi_dataset
-
     needed = args.n_prompts + args.n_eval
     if args.n_prompts < 1 or args.n_eval < 1:
         raise SystemExit(f"need at least one scoring and one evaluation prompt; got {args.n_prompts} and {args.n_eval}")
@@ -83,12 +85,8 @@ def _split_prompts(model, args):
 
 
 def run(args: argparse.Namespace, model=None) -> dict:
-    """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests)."""
-    import relp
-    from relp.circuits import empty_circuit, select_circuit, to_mib_json
-    from relp.faithfulness import CircuitEvaluator, PooledEvaluator, cpr_cmd, random_baseline
-    from relp.metrics import LogitDiff
-
+    """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests).
+    Returns {"table": faithfulness.json's content, "run": run.json's content}."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -105,23 +103,18 @@ def run(args: argparse.Namespace, model=None) -> dict:
     )
 
     # --- scoring ---
-    results: dict[str, list] = {}
-    scoring_seconds: dict[str, float] = {}
-    for method in args.methods:
-        results[method] = []
-        t0 = time.perf_counter()
-        for index, batch in enumerate(scoring_batches):
-            metric = LogitDiff(batch.answer_tokens, batch.wrong_tokens)
-            kwargs = {"components": args.components}
-            if method == "ap":
-                assert all(p == batch.length - 1 for p in batch.positions["END"].tolist())  # metric reads the last token
-                kwargs.update(batch_size=args.batch_size, progress=True, logits_to_keep=1)
-            if method == "relp":
-                kwargs.update(rules=args.rules)
-            result = getattr(relp, METHODS[method])(model, batch.clean_tokens, batch.corrupted_tokens, metric, **kwargs)
-            results[method].append(result)
-        scoring_seconds[method] = time.perf_counter() - t0
-        print(f"  {LABELS[method]} scores: {scoring_seconds[method]:.1f} s")
+    for batch in scoring_batches:  # the metric reads the last token: activation patching computes only its logits
+        if not all(p == batch.length - 1 for p in batch.positions["END"].tolist()):
+            raise ValueError("IOI prompts must end at the END position: the metric reads the last token")
+    jobs = [
+        (batch, LogitDiff(batch.answer_tokens, batch.wrong_tokens), f"scoring batch {i + 1}/{len(scoring_batches)}")
+        for i, batch in enumerate(scoring_batches)
+    ]
+    settings = {"batch_size": args.batch_size, "progress": True, "logits_to_keep": 1, "rules": args.rules}
+    results = score_batches(model, jobs, args.methods, args.components, settings)
+    scoring_seconds = {method: sum(r.seconds for r in rs) for method, rs in results.items()}
+    for method, seconds in scoring_seconds.items():
+        print(f"  {method_label(method)} scores: {seconds:.1f} s")
 
     # --- evaluation: one evaluator per layout batch, caches shared by every method and seed ---
     evaluators = [
@@ -141,14 +134,14 @@ def run(args: argparse.Namespace, model=None) -> dict:
     table: dict[str, dict] = {}
     summaries = {}
     for method in args.methods:
-        summary = cpr_cmd(evaluator, results[method], components=args.components, per_position=per_position, label=LABELS[method])
+        summary = cpr_cmd(evaluator, results[method], components=args.components, per_position=per_position, label=method_label(method))
         summaries[method] = summary
         entry = summary.to_dict()
         entry["scoring_seconds"] = scoring_seconds[method]
         entry["evaluation_seconds"] = summary.seconds
         entry["seconds"] = scoring_seconds[method] + summary.seconds
         table[method] = entry
-        print(f"  {LABELS[method]}: CPR {summary.cpr:.3f}, CMD {summary.cmd:.3f} (evaluation {summary.seconds:.1f} s)")
+        print(f"  {method_label(method)}: CPR {summary.cpr:.3f}, CMD {summary.cmd:.3f} (evaluation {summary.seconds:.1f} s)")
         circuit = select_circuit(results[method], percent=args.export_percent, components=args.components, per_position=per_position)
         to_mib_json(circuit, out / "circuits" / f"{method}.json", model=model)
     baseline = random_baseline(evaluator, template, seeds=args.seeds)
@@ -196,7 +189,7 @@ def run(args: argparse.Namespace, model=None) -> dict:
         from relp.faithfulness import plot_faithfulness
 
         plot_faithfulness(
-            {LABELS[m]: s for m, s in summaries.items()}, baseline,
+            {method_label(m): s for m, s in summaries.items()}, baseline,
             title=f"{model_name}: IOI, {'+'.join(args.components)}, {args.ablation} ablation",
             path=out / "faithfulness.png",
         )
@@ -222,7 +215,7 @@ def results_markdown(table: dict, run_info: dict) -> str:
         if method == "random":
             continue
         lines.append(
-            f"| {LABELS.get(method, method)} | {entry['cpr']:.3f} | {entry['cmd']:.3f} | "
+            f"| {method_label(method)} | {entry['cpr']:.3f} | {entry['cmd']:.3f} | "
             f"{entry['seconds']:.1f} ({entry['scoring_seconds']:.1f} + {entry['evaluation_seconds']:.1f}) |"
         )
     r = table["random"]

@@ -20,7 +20,18 @@ from pathlib import Path
 
 import torch
 
-from relp.experiments.common import CORRUPTIONS, add_model_and_method_arguments, agreement_markdown, finish, score_batch
+import relp
+from relp.experiments.common import (
+    CORRUPTIONS,
+    add_model_and_method_arguments,
+    agreement_markdown,
+    finish,
+    position_tables,
+    require_reference,
+    score_batches,
+)
+from relp.metrics import LogitDiff, NormalizedLogitDiff
+from relp.tasks import make_ioi_dataset
 
 PAPER_GPT2_SMALL = {  # Pearson r with activation patching, IOI, from the RelP paper (GPT-2 small)
     "resid_pre": {"atp": 0.753, "relp": 0.968},
@@ -44,15 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, model=None) -> dict:
-    """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests)."""
-    import relp
-    from relp.metrics import LogitDiff, NormalizedLogitDiff
-    from relp.tasks import make_ioi_dataset
-
+    """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests).
+    Returns the summary written to results.json."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if "ap" not in args.methods:
-        raise SystemExit("the IOI experiment compares methods with activation patching: keep 'ap' in --methods")
+    require_reference(args.methods, "IOI")
     dtype = getattr(torch, args.dtype)
 
     started = time.perf_counter()
@@ -61,25 +68,18 @@ def run(args: argparse.Namespace, model=None) -> dict:
     load_seconds = time.perf_counter() - started
     model_name = str(args.model or model.cfg.model_name)
     data = make_ioi_dataset(model, args.n_prompts, corruption=args.corruption, seed=args.seed, templates=args.templates)
-    print(f"{model_name}: {len(data)} IOI prompts ({args.corruption}), {sum(1 for _ in data.batches())} layout batch(es)")
-
-    results: dict[str, list] = {m: [] for m in args.methods}
-    clean_lds, corrupted_lds = [], []
-    tables: dict[str, dict[str, object]] = {m: {} for m in args.methods}
     batches = list(data.batches())
+    print(f"{model_name}: {len(data)} IOI prompts ({args.corruption}), {len(batches)} layout batch(es)")
+
+    jobs, clean_lds, corrupted_lds = [], [], []
     for index, batch in enumerate(batches):
-        clean, corrupted = batch.clean_tokens, batch.corrupted_tokens
-        raw = LogitDiff(batch.answer_tokens, batch.wrong_tokens)
-        with torch.no_grad():
-            clean_lds.append(raw.per_prompt(model(clean)))
-            corrupted_lds.append(raw.per_prompt(model(corrupted)))
-        metric = NormalizedLogitDiff(
-            batch.answer_tokens, batch.wrong_tokens, clean_lds[-1].mean().item(), corrupted_lds[-1].mean().item()
-        )
-        # the metric reads only the last token (END), so activation patching computes only its logits
-        assert all(position == batch.length - 1 for position in batch.positions["END"].tolist())
-        label = f"batch {index + 1}/{len(batches)} ({len(batch)} prompts, {batch.length} tokens)"
-        score_batch(model, batch, metric, args, results, tables, label=label, ap_options={"logits_to_keep": 1})
+        metric, clean_ld, corrupted_ld = ioi_metric(model, batch)
+        clean_lds.append(clean_ld)
+        corrupted_lds.append(corrupted_ld)
+        jobs.append((batch, metric, f"batch {index + 1}/{len(batches)} ({len(batch)} prompts, {batch.length} tokens)"))
+    # the metric reads only the last token (END), so activation patching computes only its logits
+    settings = {"batch_size": args.batch_size, "progress": True, "logits_to_keep": 1, "rules": args.rules}
+    results = score_batches(model, jobs, args.methods, args.components, settings)
 
     clean_ld = torch.cat(clean_lds)
     corrupted_ld = torch.cat(corrupted_lds)
@@ -98,7 +98,19 @@ def run(args: argparse.Namespace, model=None) -> dict:
         "n_layout_batches": len(batches),
         "load_seconds": load_seconds,
     }
-    return finish(out, summary, results_markdown, results, tables, args, started)
+    return finish(out, summary, results_markdown, results, position_tables(results, batches, args.components), args, started)
+
+
+def ioi_metric(model, batch) -> tuple[NormalizedLogitDiff, torch.Tensor, torch.Tensor]:
+    """The batch's normalised logit difference, with the clean and corrupted logit differences per prompt."""
+    raw = LogitDiff(batch.answer_tokens, batch.wrong_tokens)
+    with torch.no_grad():
+        clean_ld = raw.per_prompt(model(batch.clean_tokens))
+        corrupted_ld = raw.per_prompt(model(batch.corrupted_tokens))
+    if not all(position == batch.length - 1 for position in batch.positions["END"].tolist()):
+        raise ValueError("IOI prompts must end at the END position: the metric reads the last token")
+    metric = NormalizedLogitDiff(batch.answer_tokens, batch.wrong_tokens, clean_ld.mean().item(), corrupted_ld.mean().item())
+    return metric, clean_ld, corrupted_ld
 
 
 def results_markdown(summary: dict, *, top_k: int = 10) -> str:
