@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from relp.embeddings import SentenceEmbedding
+
 
 def _select_position(logits: Float[torch.Tensor, "batch pos vocab"], position) -> torch.Tensor:
     if logits.ndim != 3:
@@ -157,8 +159,6 @@ def _cosine_to(embeddings, reference, name: str) -> torch.Tensor:
 
 
 def _default_readout():
-    from relp.embeddings import SentenceEmbedding
-
     return SentenceEmbedding()
 
 

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 import relp
+from relp import plotting
 from relp.methods import METHODS, get_method, method_label, reference_method
 from relp.metrics import agreement
+from relp.results import pool_results
 from relp.tasks import aggregate_by_position
 
 CORRUPTIONS = ["abc", "s2_io_flip", "io_s_swap"]
@@ -199,9 +201,6 @@ def _write_figures(results: dict, components: list[str], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from relp import plotting
-    from relp.results import pool_results
 
     figures = out / "figures"
     first = {method: rs[0] for method, rs in results.items()}
