@@ -85,7 +85,8 @@ def _split_prompts(model, args):
 def run(args: argparse.Namespace, model=None) -> dict:
     """Run the experiment described by parsed `args`; `model` overrides ``args.model`` (e.g. for tests)."""
     import relp
-    from relp.circuits import empty_circuit, select_circuit, to_mib_json
+    from relp.circuits import empty_circuit, select_circuit
+    from relp.mib import to_mib_json
     from relp.faithfulness import CircuitEvaluator, PooledEvaluator, cpr_cmd, random_baseline
     from relp.metrics import LogitDiff
 
