@@ -194,7 +194,7 @@ def run(args: argparse.Namespace, model=None) -> dict:
         for i, result in enumerate(rs):
             result.save(out / "scores" / f"{method}_batch{i}.pt")
     if not args.no_figures:
-        from relp.faithfulness import plot_faithfulness
+        from relp.plotting import plot_faithfulness
 
         plot_faithfulness(
             {LABELS[m]: s for m, s in summaries.items()}, baseline,
