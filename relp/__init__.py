@@ -16,7 +16,7 @@ sentence embedding instead of logits::
     rp = relp.relevance_patching(encoder, clean, corrupted, metric)
 """
 
-from relp.circuits import Circuit, from_mib_json, node_scores, select_circuit, to_mib_json
+from relp.circuits import Circuit, node_scores, select_circuit
 from relp.components import BLOCK_COMPONENTS, COMPONENTS
 from relp.faithfulness import (
     ABLATIONS,
@@ -37,6 +37,7 @@ from relp.metrics import (
     SimilarityDifference,
     agreement,
 )
+from relp.mib import from_mib_json, to_mib_json
 from relp.models import (
     EMBEDDED_ENCODER_NAME,
     EMBEDDED_MODEL_NAME,

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -589,48 +589,3 @@ def random_baseline(
     ]
     curves = _evaluate_curves(evaluator, template, orders, percentages)
     return RandomBaseline(curves, seeds, time.perf_counter() - start)
-
-
-# ----------------------------------------------------------------------------------------------
-# Figure
-
-
-def plot_faithfulness(summaries: Mapping[str, FaithfulnessSummary], random: RandomBaseline | None = None, *,
-                      title: str = "", axes=None, path=None):
-    """f(k) per method: signed-score circuits (CPR) on the left, absolute-score circuits (CMD) on the
-    right, the random baseline's mean +- standard deviation as a grey band. Log k axis (the MIB grid
-    is roughly log-spaced); CPR and CMD are areas on the linear axis. Returns the Figure."""
-    from matplotlib.figure import Figure
-
-    if axes is None:
-        fig = Figure(figsize=(11, 4.2))
-        axes = fig.subplots(1, 2, sharey=True)
-    else:
-        fig = axes[0].figure
-    colors = {"AP": "black", "AtP": "tab:blue", "RelP": "tab:red"}
-    for ax, which in zip(axes, ("signed", "absolute")):
-        if random is not None:
-            mean, std = random.mean_curve()
-            k = random.curves[0].percentages
-            ax.fill_between(k, mean - std, mean + std, color="0.8", label="random (mean ± std)")
-            ax.plot(k, mean, color="0.5", lw=1)
-        for label, summary in summaries.items():
-            curve = getattr(summary, which)
-            area = f"CPR {summary.cpr:.2f}" if which == "signed" else f"CMD {summary.cmd:.2f}"
-            ax.plot(curve.percentages, curve.faithfulness, marker="o", ms=3, color=colors.get(label), label=f"{label} ({area})")
-        ax.axhline(1, color="0.3", lw=0.8, ls="--")
-        ax.axhline(0, color="0.3", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_xlabel("circuit size k (% of scored nodes)")
-        ax.set_title("ranked by signed score (CPR)" if which == "signed" else "ranked by |score| (CMD)")
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("faithfulness f(k)")
-    if title:
-        fig.suptitle(title)
-    if path is not None:
-        from pathlib import Path
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return fig

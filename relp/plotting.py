@@ -1,4 +1,5 @@
-"""Plots of patching scores: per-component heatmaps and method-vs-reference scatter grids.
+"""Plots of patching scores (per-component heatmaps, method-vs-reference scatter grids) and of circuit
+faithfulness curves.
 
 Everything here draws with matplotlib's object API: figures are created as
 :class:`matplotlib.figure.Figure` objects, never through ``pyplot``, so nothing is registered with a
@@ -29,8 +30,9 @@ summed over positions (``neuron_position=`` picks one). Colours use a diverging 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -38,7 +40,12 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_agreement", "plot_heatmap", "plot_scatter", "plot_scores"]
+from relp.methods import method_color
+
+if TYPE_CHECKING:
+    from relp.faithfulness import FaithfulnessSummary, RandomBaseline
+
+__all__ = ["plot_agreement", "plot_faithfulness", "plot_heatmap", "plot_scatter", "plot_scores"]
 
 DPI = 120
 CMAP = "RdBu_r"
@@ -452,5 +459,57 @@ def plot_agreement(
         title = f"Agreement with {reference.label}{model} — metric {reference.metric}, one point per cell"
     if title:
         fig.suptitle(title, fontsize=12)
+    _save(fig, path)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Faithfulness curves
+
+
+def plot_faithfulness(
+    summaries: Mapping[str, FaithfulnessSummary],
+    random: RandomBaseline | None = None,
+    *,
+    title: str = "",
+    axes=None,
+    path=None,
+    colors: Mapping[str, str] | None = None,
+) -> Figure:
+    """f(k) per method: signed-score circuits (CPR) on the left, absolute-score circuits (CMD) on the
+    right, the random baseline's mean +- standard deviation as a grey band. Log k axis (the MIB grid
+    is roughly log-spaced); CPR and CMD are areas on the linear axis.
+
+    ``summaries`` maps a method label to its :class:`~relp.faithfulness.FaithfulnessSummary` (from
+    :func:`~relp.faithfulness.cpr_cmd`), ``random`` is a :func:`~relp.faithfulness.random_baseline`.
+    Lines are coloured by the method registry's colour of each label (:mod:`relp.methods`); ``colors``
+    (label -> colour) overrides it, and a label in neither gets matplotlib's next colour. ``axes`` (two Axes) draws into
+    existing axes. Returns the Figure; saves it only if ``path`` is given.
+    """
+    if axes is None:
+        fig = Figure(figsize=(11, 4.2))
+        axes = fig.subplots(1, 2, sharey=True)
+    else:
+        fig = axes[0].figure
+    colors = dict(colors or {})
+    for ax, which in zip(axes, ("signed", "absolute")):
+        if random is not None:
+            mean, std = random.mean_curve()
+            k = random.curves[0].percentages
+            ax.fill_between(k, mean - std, mean + std, color="0.8", label="random (mean ± std)")
+            ax.plot(k, mean, color="0.5", lw=1)
+        for label, summary in summaries.items():
+            curve = getattr(summary, which)
+            area = f"CPR {summary.cpr:.2f}" if which == "signed" else f"CMD {summary.cmd:.2f}"
+            ax.plot(curve.percentages, curve.faithfulness, marker="o", ms=3, color=colors.get(label, method_color(label)), label=f"{label} ({area})")
+        ax.axhline(1, color="0.3", lw=0.8, ls="--")
+        ax.axhline(0, color="0.3", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("circuit size k (% of scored nodes)")
+        ax.set_title("ranked by signed score (CPR)" if which == "signed" else "ranked by |score| (CMD)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("faithfulness f(k)")
+    if title:
+        fig.suptitle(title)
     _save(fig, path)
     return fig

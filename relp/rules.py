@@ -195,8 +195,39 @@ def _activation_fn(model, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return resolve_activation_fn(mlp.config)
 
 
+def identity_rule(pre: torch.Tensor, activated: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """Identity-rule: the gradient path of the MLP activation act(x), with d act(x)/dx replaced by act(x)/x.
+
+    `pre` is the activation's input x, `activated` its value act(x) (only its value is used) and
+    `plain` act(x) with its ordinary autograd path. The path is ``act(x)/x * x`` with the ratio a
+    constant; where x is exactly 0 the ratio is undefined and `plain` is kept (its derivative act'(0)
+    is the limit of act(x)/x for GELU and SiLU), so the gradient is never NaN.
+    """
+    zero = pre == 0
+    ratio = activated.detach() / torch.where(zero, torch.ones_like(pre), pre).detach()
+    # At an exact zero, act(x)/x is undefined: keep the local derivative there.
+    return torch.where(zero, plain, ratio * pre)
+
+
+def _gate_product(activation_path: torch.Tensor, activated: torch.Tensor, up: torch.Tensor, share: float) -> torch.Tensor:
+    """The gate product act(g) * u as a gradient path in which each factor receives `share` of the gradient
+    (1.0: the ordinary product rule). `activation_path` carries act(g)'s gradient path, `activated` its value."""
+    return share * activation_path * up.detach() + share * activated.detach() * up
+
+
+def half_rule(activation_path: torch.Tensor, activated: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Half-rule: the gradient path of a gated MLP's product act(g) * u, each factor getting half the gradient.
+
+    The uniform rule for a product of N = 2 factors: the gate act(g) (through `activation_path`, e.g.
+    the :func:`identity_rule` path; `activated` is its value) and the up projection `up` each get half.
+    With the Identity-rule on the gate, the two halves of gradient x input sum to act(g) * u exactly.
+    """
+    return _gate_product(activation_path, activated, up, 0.5)
+
+
 def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
-    """Identity- and Half-rule: rebuild the MLP hidden units (hook_post) from the captured inputs."""
+    """Identity- and Half-rule: rebuild the MLP hidden units (hook_post) from the captured inputs,
+    composing :func:`identity_rule` (the activation) and :func:`half_rule` (the gate product)."""
     identity, half = "identity" in active, "half" in active
     if not (identity or half):
         return []
@@ -222,17 +253,16 @@ def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
             else:
                 up, activated = None, post
             if identity:
-                zero = pre == 0
-                ratio = activated.detach() / torch.where(zero, torch.ones_like(pre), pre).detach()
-                # At an exact zero, act(x)/x is undefined: keep the local derivative there.
                 plain = act(pre) if gated else post
-                activation_path = torch.where(zero, plain, ratio * pre)
+                activation_path = identity_rule(pre, activated, plain)
             else:
                 activation_path = activated
             if not gated:
                 return _keep_value(post, activation_path)
-            share = 0.5 if half else 1.0
-            path = share * activation_path * up.detach() + share * activated.detach() * up
+            if half:
+                path = half_rule(activation_path, activated, up)
+            else:
+                path = _gate_product(activation_path, activated, up, 1.0)
             return _keep_value(post, path)
 
         hooks.append((f"{prefix}.hook_pre", capture("pre")))

@@ -17,11 +17,9 @@ import relp
 from relp.circuits import (
     Circuit,
     count_for_percent,
-    from_mib_json,
     node_scores,
     parse_node_name,
     select_circuit,
-    to_mib_json,
 )
 from relp.components import COMPONENTS
 from relp.faithfulness import (
@@ -36,6 +34,7 @@ from relp.faithfulness import (
     faithfulness_curve,
     random_baseline,
 )
+from relp.mib import from_mib_json, to_mib_json
 from relp.testing import tiny_model
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,16 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from relp.plotting import plot_agreement, plot_heatmap, plot_scatter, plot_scores  # noqa: E402
+import relp.faithfulness  # noqa: E402
+from relp.faithfulness import FaithfulnessCurve, FaithfulnessSummary, RandomBaseline  # noqa: E402
+from relp.plotting import (  # noqa: E402
+    plot_agreement,
+    plot_faithfulness,
+    plot_heatmap,
+    plot_scatter,
+    plot_scores,
+)
+from relp.methods import method_color  # noqa: E402
 from relp.results import PatchingResult  # noqa: E402
 
 IOI_TOKENS = (
@@ -285,3 +294,33 @@ def test_realistic_size_renders(tmp_path):
     plot_agreement([atp, rp], ap, ["resid_pre", "head"], path=tmp_path / "agreement.png")
     assert (tmp_path / "scores.png").stat().st_size > 10_000
     assert (tmp_path / "agreement.png").stat().st_size > 10_000
+
+
+def _curve(f, absolute=False, label=""):
+    k = (1.0, 10.0, 100.0)
+    return FaithfulnessCurve(k, tuple(f), tuple(f), (1, 10, 100), 0.0, 1.0, 100, absolute, label)
+
+
+def test_plot_faithfulness_draws_both_rankings_with_method_colours(tmp_path):
+    summaries = {
+        "AP": FaithfulnessSummary(_curve([0.2, 0.8, 1.0]), _curve([0.3, 0.9, 1.0], True)),
+        "RelP": FaithfulnessSummary(_curve([0.4, 0.9, 1.0]), _curve([0.5, 0.95, 1.0], True)),
+        "mine": FaithfulnessSummary(_curve([0.1, 0.5, 1.0]), _curve([0.1, 0.6, 1.0], True)),
+    }
+    random = RandomBaseline([_curve([0.0, 0.1, 1.0]), _curve([0.0, 0.2, 1.0])], (0, 1))
+    fig = plot_faithfulness(summaries, random, title="t")
+    assert isinstance(fig, Figure) and list(tmp_path.iterdir()) == []
+    signed, absolute = fig.axes
+    assert signed.get_title() == "ranked by signed score (CPR)" and absolute.get_title() == "ranked by |score| (CMD)"
+    lines = {line.get_label().split(" (")[0]: line for line in signed.get_lines() if line.get_marker() == "o"}
+    assert list(lines) == ["AP", "RelP", "mine"]
+    assert lines["AP"].get_color() == method_color("AP") == "black" and lines["RelP"].get_color() == method_color("RelP")
+    assert f"CPR {summaries['AP'].cpr:.2f}" in lines["AP"].get_label()
+    np.testing.assert_array_equal(lines["mine"].get_ydata(), [0.1, 0.5, 1.0])
+
+    fig = plot_faithfulness(summaries, colors={"AP": "tab:green", "mine": "tab:purple"}, path=tmp_path / "f" / "faith.png")
+    lines = {line.get_label().split(" (")[0]: line for line in fig.axes[1].get_lines() if line.get_marker() == "o"}
+    assert lines["AP"].get_color() == "tab:green" and lines["mine"].get_color() == "tab:purple"
+    assert lines["RelP"].get_color() == method_color("RelP")  # colors= overrides entries, the rest stay
+    assert (tmp_path / "f" / "faith.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not hasattr(relp.faithfulness, "plot_faithfulness")

@@ -33,11 +33,13 @@ from pathlib import Path
 import torch
 
 import relp
-from relp.circuits import empty_circuit, select_circuit, to_mib_json
+from relp.circuits import empty_circuit, select_circuit
 from relp.experiments.common import CORRUPTIONS, add_model_and_method_arguments, score_batches, versions
 from relp.faithfulness import CircuitEvaluator, PooledEvaluator, cpr_cmd, random_baseline
 from relp.methods import method_label
 from relp.metrics import LogitDiff
+from relp.mib import to_mib_json
+from relp.plotting import plot_faithfulness
 from relp.tasks import make_ioi_dataset
 
 
@@ -186,8 +188,6 @@ def run(args: argparse.Namespace, model=None) -> dict:
         for i, result in enumerate(rs):
             result.save(out / "scores" / f"{method}_batch{i}.pt")
     if not args.no_figures:
-        from relp.faithfulness import plot_faithfulness
-
         plot_faithfulness(
             {method_label(m): s for m, s in summaries.items()}, baseline,
             title=f"{model_name}: IOI, {'+'.join(args.components)}, {args.ablation} ablation",
