@@ -43,11 +43,11 @@ from relp.models import (
     HubUnavailableError,
     default_cache_dir,
     load_model,
-    to_tokens,
 )
 from relp.patching import activation_patching, attribution_patching, relevance_patching
 from relp.results import PatchingResult, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
+from relp.tokens import to_tokens
 
 __all__ = [
     "ABLATIONS",

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from jaxtyping import Float, Int
 
+from relp.tokens import to_tokens
+
 POOLINGS = ("mean", "cls", "last", "max")
 
 #: Where the final hidden state (HF's ``last_hidden_state``) is, per ``model.cfg.architecture``.
@@ -149,8 +151,6 @@ class SentenceEmbedding:
 
     def embed(self, model, texts: str | Sequence[str]) -> Float[torch.Tensor, "n d"]:
         """Embeddings [n, d] of texts of any token lengths (no gradient), one forward pass per length."""
-        from relp.models import to_tokens
-
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("embed() got no texts")

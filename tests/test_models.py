@@ -31,6 +31,7 @@ from relp.models import (
     verify_cache_dir,
 )
 from relp.testing import tiny_hf_model, tiny_tokenizer
+from relp.tokens import to_tokens
 
 PROMPT = "w1 w2 w3 w4 ."
 
@@ -84,7 +85,7 @@ def hf_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def bridge_logits(bridge, text=PROMPT) -> torch.Tensor:
-    tokens = models.to_tokens(bridge, text)
+    tokens = to_tokens(bridge, text)
     with torch.no_grad():
         return bridge(tokens), tokens
 
