@@ -37,7 +37,7 @@ from relp.metrics import (
     SimilarityDifference,
     agreement,
 )
-from relp.models import (
+from relp.loading import (
     EMBEDDED_ENCODER_NAME,
     EMBEDDED_MODEL_NAME,
     HubUnavailableError,

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from relp.models import bridge_from_hf
+from relp.loading import bridge_from_hf
 from relp.tasks import (
     CONTRAST_CHANGES,
     CONTRAST_POSITION_NAMES,

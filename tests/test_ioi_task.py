@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from relp.models import bridge_from_hf
+from relp.loading import bridge_from_hf
 from relp.tasks import (
     ABBA_TEMPLATES,
     BABA_LONG_TEMPLATES,
