@@ -38,17 +38,17 @@ from relp.metrics import (
     agreement,
 )
 from relp.mib import from_mib_json, to_mib_json
-from relp.models import (
+from relp.loading import (
     EMBEDDED_ENCODER_NAME,
     EMBEDDED_MODEL_NAME,
     HubUnavailableError,
     default_cache_dir,
     load_model,
-    to_tokens,
 )
 from relp.patching import activation_patching, attribution_patching, relevance_patching
 from relp.results import PatchingResult, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
+from relp.tokens import to_tokens
 
 __all__ = [
     "ABLATIONS",

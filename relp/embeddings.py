@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Float, Int
 
 from relp.architectures import architecture_of
+from relp.tokens import to_tokens
 
 POOLINGS = ("mean", "cls", "last", "max")
 
@@ -144,8 +145,6 @@ class SentenceEmbedding:
 
     def embed(self, model, texts: str | Sequence[str]) -> Float[torch.Tensor, "n d"]:
         """Embeddings [n, d] of texts of any token lengths (no gradient), one forward pass per length."""
-        from relp.models import to_tokens
-
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("embed() got no texts")

@@ -63,7 +63,7 @@ from relp.circuits import Circuit, count_for_percent, empty_circuit, node_axes, 
 from relp.components import component_for
 from relp.interventions import Replacement, activation, cache_activations, hook_names, run_stacked
 from relp.metrics import metric_name
-from relp.models import to_tokens
+from relp.tokens import to_tokens
 
 ABLATIONS = ("corrupt", "mean", "mean_positional", "zero")
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 
 from relp.embeddings import SentenceEmbedding
+from relp.tokens import to_tokens
 
 
 def _select_position(logits: Float[torch.Tensor, "batch pos vocab"], position) -> torch.Tensor:
@@ -210,8 +211,6 @@ class SimilarityDifference:
     @classmethod
     def from_runs(cls, model, anchors, clean, corrupted, readout=None, *, normalized: bool = True) -> "SimilarityDifference":
         """Embed the anchors (texts of any lengths, or embeddings [batch, d]) and both candidate runs."""
-        from relp.models import to_tokens
-
         readout = readout if readout is not None else _default_readout()
         if isinstance(anchors, torch.Tensor) and anchors.is_floating_point():
             anchor_embeddings = anchors.detach()

@@ -44,9 +44,9 @@ from relp.interventions import (
 )
 from relp.methods import Cost, register_method
 from relp.metrics import check_metric_value, metric_name
-from relp.models import to_tokens
 from relp.results import PatchingResult
 from relp.rules import DEFAULT_PRESET, lrp_rules
+from relp.tokens import to_tokens
 
 Tokens = str | Sequence[str] | Int[torch.Tensor, "batch pos"]
 Metric = Callable[[torch.Tensor], torch.Tensor]

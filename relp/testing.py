@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from relp.loading import bridge_from_hf
+
 ARCHITECTURES = ("gpt2", "llama", "bert", "roberta")
 
 SPECIAL_TOKENS = ["<bos>", "<pad>", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -133,8 +135,6 @@ def tiny_model(
     half as many key/value heads, rotary), "bert" (post-LayerNorm encoder, GELU MLP) and "roberta"
     (BERT's blocks with RoBERTa's embeddings).
     """
-    from relp.models import bridge_from_hf
-
     tokenizer = tiny_tokenizer(words)
     hf = tiny_hf_model(
         architecture, vocab_size=len(tokenizer), n_layers=n_layers, d_model=d_model,

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from relp.models import bridge_from_hf, to_tokens
+from relp.loading import bridge_from_hf
 from relp.tasks import (
     CONTRAST_CHANGES,
     CONTRAST_POSITION_NAMES,
@@ -23,6 +23,7 @@ from relp.tasks import (
     make_contrast_dataset,
 )
 from relp.testing import tiny_hf_model, tiny_model
+from relp.tokens import to_tokens
 
 # Left out of the BPE training corpus, so they become several tokens: the generator must not swap
 # them (the last three are replacements, "gardener" is the subject of the "garden" template).
@@ -212,7 +213,7 @@ def test_clean_and_corrupted_differ_exactly_at_changed(request, name):
         assert example.corrupted_text == re.sub(
             rf"\b{example.changed_word}\b", example.replacement, example.clean_text
         )
-        if name != "bpe_tok":  # the same tokens as relp.models.to_tokens gives for the model
+        if name != "bpe_tok":  # the same tokens as relp.tokens.to_tokens gives for the model
             assert torch.equal(example.clean_tokens, to_tokens(model, example.clean_text)[0].cpu())
             assert torch.equal(example.corrupted_tokens, to_tokens(model, example.corrupted_text)[0].cpu())
             assert torch.equal(example.anchor_tokens, to_tokens(model, example.anchor_text)[0].cpu())

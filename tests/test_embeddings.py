@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 import relp
 from relp.embeddings import SentenceEmbedding, final_hidden_hook, read_sentence_transformers_pooling
+from relp.loading import bridge_from_hf
 from relp.metrics import CosineSimilarity, EmbeddingDistance, SimilarityDifference
-from relp.models import bridge_from_hf
 from relp.testing import tiny_hf_model, tiny_tokenizer
 
 
@@ -420,11 +420,11 @@ def test_hub_sentence_transformers_repo_is_loaded_as_a_snapshot(tmp_path, monkey
     and loaded like a local directory; here the hub is replaced by a local directory."""
     import huggingface_hub
 
-    import relp.models as models
+    import relp.loading.hub as hub
 
     _save_bare_bert(tmp_path)
     calls = []
-    monkeypatch.setattr(models, "_hub_unreachable_reason", lambda name: None)
+    monkeypatch.setattr(hub, "_hub_unreachable_reason", lambda name: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda name, file: calls.append((name, file)) or str(tmp_path / file))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, allow_patterns: calls.append((name, tuple(allow_patterns))) or str(tmp_path))
     model = relp.load_model("some-org/some-encoder")
@@ -446,7 +446,7 @@ def minilm():
 def test_minilm_embedding_equals_the_plain_hugging_face_model(minilm):
     from transformers import AutoTokenizer, BertModel
 
-    from relp.models import embedded_encoder_path
+    from relp.loading import embedded_encoder_path
 
     embedding = SentenceEmbedding.from_model(minilm)
     assert embedding == SentenceEmbedding("mean", normalize=True)  # its 1_Pooling config + Normalize

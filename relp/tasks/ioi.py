@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from relp.tasks.dataset import PromptDataset, PromptExample
-from relp.tasks.tokens import TaskTokenizer
+from relp.tokens import TaskTokenizer
 
 # --- the paper's data ----------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from relp.tasks.dataset import PromptDataset, PromptExample
-from relp.tasks.tokens import TaskTokenizer
+from relp.tokens import TaskTokenizer
 
 REQUIRED_FIELDS = ("clean", "corrupted", "answer", "wrong_answer")
 POSITION_PREFIX = "pos_"
