@@ -14,6 +14,11 @@ attribution and relevance patching, and the circuit evaluator's ablations.
   ``attn_out``, the engine subtracts the copy's own ``resid_pre`` (attn_out := target - resid_pre).
 * :class:`BlockReplay` records the base run's block outputs and replays them for the blocks before the
   first replaced layer, which cannot depend on the replacement.
+* :class:`PrefixReuse` (causal models) records the base run's keys and values at every layer, so that a
+  run whose replacements start at position p computes only positions >= p: nothing before p can change,
+  at any layer.
+* :func:`rows_per_pass` chooses how many rows (stacked copies x prompts) a pass may hold from the memory
+  that is free on the model's device.
 * :func:`check_resid_mid` checks on a run that resid_pre + attn_out is the stream entering the MLP's
   norm (:mod:`relp.architectures`), the condition under which resid_mid may be patched through attn_out.
 """
@@ -21,22 +26,30 @@ attribution and relevance patching, and the circuit evaluator's ablations.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from relp.architectures import architecture_of
 from relp.components import Component
 from relp.metrics import check_metric_value, metric_name
 
+logger = logging.getLogger(__name__)
 
-def model_output(model, tokens: torch.Tensor, metric, logits_to_keep: int | None = None) -> torch.Tensor:
+
+def model_output(model, tokens: torch.Tensor, metric, logits_to_keep: int | None = None, **forward_kwargs) -> torch.Tensor:
     """What `metric` reads from a forward pass: its ``readout(model, tokens)`` if it has one (e.g. the
     pooled embedding of ``relp.SentenceEmbedding``), else the logits [batch, pos, vocab] (or only the
-    last `logits_to_keep` positions of them)."""
+    last `logits_to_keep` positions of them). `forward_kwargs` (e.g. a key/value cache) go to the
+    model's forward pass; readouts take none."""
     readout = getattr(metric, "readout", None)
     if readout is not None:
+        if forward_kwargs:
+            raise ValueError(f"metric {metric_name(metric)} reads a readout, which runs the model itself; got {sorted(forward_kwargs)}")
         if logits_to_keep is not None:
             raise ValueError(
                 f"logits_to_keep={logits_to_keep} applies to logits, but metric {metric_name(metric)} reads "
@@ -44,13 +57,13 @@ def model_output(model, tokens: torch.Tensor, metric, logits_to_keep: int | None
             )
         return readout(model, tokens)
     if logits_to_keep is None:
-        return model(tokens)
+        return model(tokens, **forward_kwargs)
     if not 1 <= logits_to_keep <= tokens.shape[1]:
         raise ValueError(f"logits_to_keep must be in 1..{tokens.shape[1]} (the prompt length); got {logits_to_keep}")
     try:
-        return model(tokens, logits_to_keep=logits_to_keep)  # HF computes the unembedding only there
+        return model(tokens, logits_to_keep=logits_to_keep, **forward_kwargs)  # HF computes the unembedding only there
     except TypeError:
-        return model(tokens)[:, -logits_to_keep:]
+        return model(tokens, **forward_kwargs)[:, -logits_to_keep:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +147,16 @@ class Replacement:
     keep: torch.Tensor
     value: torch.Tensor
 
+    def from_position(self, start: int, length: int) -> "Replacement":
+        """The replacement for a run of positions ``start..length-1`` only (prefix reuse): the mask and
+        the value are cut along the position axis where they span all `length` positions."""
+        axis = self.component.activation_axes.index("position")
+
+        def cut(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+            return tensor.narrow(axis, start, length - start) if tensor.ndim > axis and tensor.shape[axis] == length else tensor
+
+        return dataclasses.replace(self, keep=cut(self.keep, 1 + axis), value=cut(self.value, axis))
+
 
 def _replace_hook(replacement: Replacement, copies: int, n: int, offsets: dict[str, torch.Tensor]) -> Callable:
     offset_name = replacement.component.offset_name(replacement.layer)
@@ -173,15 +196,32 @@ def run_stacked(
     labels: Sequence[str],
     logits_to_keep: int | None = None,
     replay: "BlockReplay | None" = None,
+    prefix: "PrefixReuse | None" = None,
+    start: int = 0,
 ) -> list[torch.Tensor]:
     """The metric of each of `copies` stacked copies of the batch `tokens`, run with `replacements`
     (no gradient). `labels` name the copies in errors (a metric that is not a scalar, ...). With a
-    recorded `replay`, the blocks before the first replaced layer are replayed, not recomputed."""
-    n = tokens.shape[0]
+    recorded `replay`, the blocks before the first replaced layer are replayed, not recomputed. With a
+    recorded `prefix` and ``start > 0`` (the replacements change nothing before position `start`), only
+    positions from `start` on are computed, on the base run's keys and values for the others."""
+    n, length = tokens.shape
     first_layer = min((r.layer for r in replacements), default=0)
-    skip = replay.skipping(first_layer, copies) if replay is not None else contextlib.nullcontext()
-    with torch.no_grad(), model.hooks(fwd_hooks=replacement_hooks(replacements, copies, n)), skip:
-        outputs = model_output(model, tokens.repeat(copies, 1), metric, logits_to_keep)
+    start = prefix.usable_start(start, logits_to_keep) if prefix is not None else 0
+    forward_kwargs: dict = {}
+    if start:
+        replacements = [r.from_position(start, length) for r in replacements]
+        tokens = tokens[:, start:]
+        forward_kwargs = prefix.forward_kwargs(start, copies)
+    skip = replay.skipping(first_layer, copies, start) if replay is not None else contextlib.nullcontext()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(model.hooks(fwd_hooks=replacement_hooks(replacements, copies, n)))
+        stack.enter_context(skip)
+        if start:
+            stack.enter_context(_cache_reaches_attention(model))
+        outputs = model_output(model, tokens.repeat(copies, 1), metric, logits_to_keep, **forward_kwargs)
+    if start and logits_to_keep is None:  # the positions before `start` are the base run's, unchanged
+        outputs = torch.cat([prefix.logits[:, :start].repeat(copies, 1, 1), outputs], dim=1)
     return [
         check_metric_value(metric(outputs[i * n : (i + 1) * n]), metric, label) for i, label in zip(range(copies), labels)
     ]
@@ -225,23 +265,27 @@ class BlockReplay:
             return self._replayable(output[0]) and all(o is None or self._replayable(o) for o in output[1:])
         return False
 
-    def _expand(self, output, copies: int):
+    def _expand(self, output, copies: int, start: int):
         if isinstance(output, torch.Tensor):
+            if start:  # [batch, pos, ...]: only the positions the run computes
+                output = output[:, start:]
             return output.repeat(copies, *([1] * (output.ndim - 1)))
-        return tuple(None if o is None else self._expand(o, copies) for o in output)
+        return tuple(None if o is None else self._expand(o, copies, start) for o in output)
 
     @contextlib.contextmanager
-    def skipping(self, layer: int, copies: int):
+    def skipping(self, layer: int, copies: int, start: int = 0):
+        """Blocks before `layer` return the base run's outputs (positions from `start` on), expanded to
+        `copies` stacked copies."""
         if not self.usable or layer == 0:
             yield
             return
         replaced = []
         try:
             for index in range(layer):
-                key = (index, copies)
+                key = (index, copies, start)
                 if key not in self._expanded:
-                    self._expanded = {k: v for k, v in self._expanded.items() if k[1] == copies}
-                    self._expanded[key] = self._expand(self.outputs[index], copies)
+                    self._expanded = {k: v for k, v in self._expanded.items() if k[1:] == (copies, start)}
+                    self._expanded[key] = self._expand(self.outputs[index], copies, start)
                 block = self.blocks[index]
                 # object.__setattr__: bridge components forward attribute writes to the HF module
                 object.__setattr__(block, "forward", lambda *args, _output=self._expanded[key], **kwargs: _output)
@@ -250,3 +294,119 @@ class BlockReplay:
         finally:
             for block in replaced:
                 object.__delattr__(block, "forward")  # back to the class's forward
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefix reuse (causal models)
+
+
+@contextlib.contextmanager
+def _cache_reaches_attention(model) -> Iterator[None]:
+    """Hand the key/value cache to the bridge's attention components.
+
+    transformers 5 passes the cache to attention as ``cache=``; TransformerLens 4.3's attention bridge
+    reads ``past_key_values=`` (or ``layer_past=``) and otherwise leaves the cache empty without a word.
+    This forward pre-hook gives it the name it reads, for the duration of the block.
+    """
+
+    def rename(module, args, kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        return args, kwargs
+
+    handles = [block.attn.register_forward_pre_hook(rename, with_kwargs=True) for block in model.blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class PrefixReuse:
+    """The base run's keys and values, so that runs patched from position p on compute only p onwards.
+
+    In a causal model a replacement at position p cannot change any position before p, at any layer:
+    their residual streams, keys and values are the base run's. :meth:`recording` fills the model's own
+    key/value cache during the base run and checks that it filled (else reuse is off and runs compute
+    every position, with the same results); :meth:`forward_kwargs` then gives each run a cache of the
+    first p positions for its stacked copies. Bidirectional models (BERT) and readout metrics (which
+    run the model themselves) never reuse a prefix.
+    """
+
+    def __init__(self, model, tokens: torch.Tensor):
+        self.model = model
+        self.length = int(tokens.shape[1])
+        self.usable = getattr(model.cfg, "attention_dir", "causal") == "causal" and bool(list(getattr(model, "blocks", [])))
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.logits: torch.Tensor | None = None  # the base run's output, for the positions before p
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict]:
+        """Yields the forward keywords for the base run (a cache to fill); checks it filled afterwards."""
+        if not self.usable:
+            yield {}
+            return
+        from transformers import DynamicCache  # loaded with the model already; not at import time
+
+        cache = DynamicCache()
+        with _cache_reaches_attention(self.model):
+            yield {"cache": cache, "use_cache": True}
+        kinds = {type(layer).__name__ for layer in cache.layers}
+        if cache.get_seq_length() != self.length or len(cache.layers) != len(self.model.blocks) or kinds != {"DynamicLayer"}:
+            logger.info("prefix reuse is off for %s: its key/value cache did not fill (%s layers, %s positions, %s)",
+                        self.model.cfg.model_name, len(cache.layers), cache.get_seq_length(), sorted(kinds))
+            self.usable = False
+            return
+        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def usable_start(self, start: int, logits_to_keep: int | None) -> int:
+        """`start` if a run can begin there (and still produce the logits it must return), else 0."""
+        if not (self.usable and self.layers) or start <= 0:
+            return 0
+        if logits_to_keep is None and self.logits is None:
+            return 0
+        return min(start, self.length - (logits_to_keep or 1))
+
+    def forward_kwargs(self, start: int, copies: int) -> dict:
+        """A cache of the base run's first `start` positions for `copies` stacked copies of the batch."""
+        from transformers import DynamicCache
+
+        prefix = [(k[:, :, :start].repeat(copies, 1, 1, 1), v[:, :, :start].repeat(copies, 1, 1, 1)) for k, v in self.layers]
+        return {"cache": DynamicCache(ddp_cache_data=prefix), "use_cache": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+
+
+#: Share of the free memory one pass may take.
+MEMORY_FRACTION = 0.25
+#: Most rows per pass: beyond this a CPU gains nothing and a progress bar stalls.
+MAX_ROWS = 1024
+
+
+def row_bytes(model, n_positions: int, logits_positions: int | None = None) -> int:
+    """Bytes one row (one prompt) of a no-grad forward pass keeps alive at its peak, estimated: a few
+    copies of the residual stream, the MLP's hidden units, one layer's attention scores and pattern, and
+    the logits of `logits_positions` positions (default: all)."""
+    cfg = model.cfg
+    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    logits = (n_positions if logits_positions is None else logits_positions) * cfg.d_vocab_out
+    return itemsize * (n_positions * (8 * cfg.d_model + 3 * d_mlp + 2 * cfg.n_heads * n_positions) + logits)
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Free memory in bytes on `device`: CUDA's free memory, else the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
+
+
+def rows_per_pass(model, n_positions: int, logits_positions: int | None = None) -> int:
+    """Rows (stacked copies x prompts) a pass may hold: :data:`MEMORY_FRACTION` of the free memory on
+    the model's device divided by :func:`row_bytes`, at most :data:`MAX_ROWS`, at least 1."""
+    budget = MEMORY_FRACTION * free_memory(model.cfg.device)
+    return int(max(1, min(MAX_ROWS, budget // row_bytes(model, n_positions, logits_positions))))
+

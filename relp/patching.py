@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from relp.components import BLOCK_COMPONENTS, Component, resolve_components, resolve_layers
 from relp.interventions import (
     BlockReplay,
+    PrefixReuse,
     Replacement,
     activation,
     cache_activations,
@@ -40,6 +41,7 @@ from relp.interventions import (
     check_resid_mid,
     hook_names,
     model_output,
+    rows_per_pass,
     run_stacked,
 )
 from relp.methods import Cost, register_method
@@ -154,34 +156,48 @@ def activation_patching(
     *,
     direction: str = "denoising",
     layers: Iterable[int] | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool = True,
     skip_early_layers: bool = True,
+    reuse_prefix: bool = True,
     logits_to_keep: int | None = None,
 ) -> PatchingResult:
     """Exact patching: the metric's change when each cell is patched, one cell at a time.
 
-    Several cells share one forward pass: the base batch is stacked up to `batch_size` rows, each copy
+    Several cells share one forward pass: the base batch is stacked up to `batch_size` rows (default:
+    as many as a quarter of the free memory holds, ``relp.interventions.rows_per_pass``), each copy
     with a different cell patched, and the metric is evaluated on each copy's logits separately.
     Cells whose activation is the same in both runs score exactly 0 without a forward pass. With
     `skip_early_layers`, blocks before the patched layer are not recomputed: their outputs from the
-    base run are replayed (they cannot depend on the patch), which halves the cost on average.
+    base run are replayed (they cannot depend on the patch), which halves the cost on average. With
+    `reuse_prefix` (causal models, metrics that read logits), positions before the first patched one
+    are not recomputed either: they cannot depend on the patch, and the run computes only the later
+    positions on the base run's keys and values (the model's own key/value cache).
     With `logits_to_keep=k` the metric receives only the logits of the last k positions
     (``[batch, k, vocab]``), and the unembedding is computed only there: for metrics that read the last
     token (IOI's logit difference) this saves a large share of a small model's forward pass.
     """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (rows per forward pass) or None (from memory); got {batch_size!r}")
     if any(c.offset_template for c in run.components):
         check_resid_mid(model, run.layers, run.base)
     names = _read_names(run)
     source = cache_activations(model, run.source, names)
     base: dict[str, torch.Tensor] = {}
     replay = BlockReplay(model, run.base.shape[0]) if skip_early_layers else None
+    prefix = PrefixReuse(model, run.base) if reuse_prefix and getattr(metric, "readout", None) is None else None
     with torch.no_grad(), model.hooks(fwd_hooks=capture_hooks(base, names, detach=True)):
-        with replay.recording() if replay else contextlib.nullcontext():
-            base_value = check_metric_value(metric(model_output(model, run.base, metric, logits_to_keep)), metric, "the base run")
-    n_prompts = run.base.shape[0]
+        with replay.recording() if replay else contextlib.nullcontext(), \
+                prefix.recording() if prefix else contextlib.nullcontext({}) as cache_kwargs:
+            base_output = model_output(model, run.base, metric, logits_to_keep, **cache_kwargs)
+            base_value = check_metric_value(metric(base_output), metric, "the base run")
+    if prefix is not None and logits_to_keep is None:
+        prefix.logits = base_output
+    n_prompts, n_positions = run.base.shape
+    if batch_size is None:
+        batch_size = rows_per_pass(model, n_positions, logits_to_keep)
     copies_per_pass = max(1, batch_size // n_prompts)
 
     # Cells whose activation is identical in both runs (e.g. positions before the first changed token)
@@ -196,9 +212,14 @@ def activation_patching(
         changed = component.cell_scores((target != activation(component, layer, base)).to(torch.int32))
         cells = [cell for cell in itertools.product(*map(range, shape)) if changed[cell] > 0]
         skipped += changed.numel() - len(cells)
-        jobs += [(component, layer, target, cells[i : i + copies_per_pass]) for i in range(0, len(cells), copies_per_pass)]
+        # ordered by position, so that a pass's cells share a late first position (prefix reuse)
+        at = component.cell_axes.index("position")
+        cells.sort(key=lambda cell: cell[at])
+        for i in range(0, len(cells), copies_per_pass):
+            chunk = cells[i : i + copies_per_pass]
+            jobs.append((component, layer, target, chunk, chunk[0][at]))
 
-    for component, layer, target, cells in tqdm(jobs, desc="activation patching", disable=not progress, unit="pass"):
+    for component, layer, target, cells, first_position in tqdm(jobs, desc="activation patching", disable=not progress, unit="pass"):
         patched = torch.zeros((len(cells), *scores[component.name][layer].shape), dtype=torch.bool)
         for i, cell in enumerate(cells):
             patched[(i, *cell)] = True
@@ -206,7 +227,7 @@ def activation_patching(
         name = component.hook_name(layer)
         values = run_stacked(
             model, run.base, len(cells), [replacement], metric, labels=[f"{name} cell {cell}" for cell in cells],
-            logits_to_keep=logits_to_keep, replay=replay,
+            logits_to_keep=logits_to_keep, replay=replay, prefix=prefix, start=first_position,
         )
         for cell, value in zip(cells, values):
             scores[component.name][layer][cell] = (value - base_value).item()
@@ -215,6 +236,7 @@ def activation_patching(
     return _result(
         model, run, stacked_scores, "activation_patching", metric, (), start,
         base_metric=base_value.item(), forward_passes=len(jobs) + 3, cells_skipped_unchanged=skipped,
+        rows_per_pass=copies_per_pass * n_prompts, prefix_reuse=bool(prefix is not None and prefix.layers),
     )
 
 

@@ -360,3 +360,72 @@ def test_text_inputs_work_and_label_positions(small):
     result = relp.attribution_patching(small, "w1 w2 w3", "w1 w9 w3", metric)
     assert result.tokens == ("<bos>", "w1", "w2", "w3")
     assert result["resid_pre"].shape == (small.cfg.n_layers, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefix reuse and rows per pass
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+@pytest.mark.parametrize("logits_to_keep", [None, 1])
+def test_prefix_reuse_computes_only_later_positions_and_changes_nothing(architecture, logits_to_keep):
+    """Causal models (GPT-2; Llama with grouped-query attention and rotary positions): a patch at position
+    p is run on positions p.. only, on the base run's keys and values, and every score equals the plain
+    computation to float64 rounding (the forward passes differ only in their shapes)."""
+    model = tiny_model(architecture, dtype=torch.float64, n_layers=3)
+    clean, corrupted, metric = _prompts(model)  # corrupted at positions 2 and 4 of 7
+    components = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "head", "neuron"]
+    lengths: list[int] = []
+
+    def record_length(x, hook):
+        lengths.append(x.shape[1])
+        return x
+
+    with model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", record_length)]):
+        reused = relp.activation_patching(model, clean, corrupted, metric, components, progress=False,
+                                          logits_to_keep=logits_to_keep, batch_size=12)
+    plain = relp.activation_patching(model, clean, corrupted, metric, components, progress=False,
+                                     logits_to_keep=logits_to_keep, batch_size=12, reuse_prefix=False)
+    assert reused.metadata["prefix_reuse"] and not plain.metadata["prefix_reuse"]
+    # three full runs (the resid_mid check, the source and the base run), then passes of positions p..6,
+    # p >= 2 the first patched position of the pass (cells are ordered by position)
+    assert lengths[:3] == [7, 7, 7] and max(lengths[3:]) == 7 - 2 and min(lengths[3:]) >= 1
+    for component in components:
+        torch.testing.assert_close(reused[component], plain[component], rtol=1e-9, atol=1e-12)
+        assert reused[component].abs().max() > 1e-5  # not two maps of zeros (single neurons move the metric least)
+
+
+def test_prefix_reuse_fills_the_models_own_cache_and_is_off_for_encoders():
+    from relp.interventions import PrefixReuse
+
+    for architecture, causal in (("llama", True), ("bert", False)):
+        model = tiny_model(architecture, n_layers=2)
+        tokens = _prompts(model)[0]
+        prefix = PrefixReuse(model, tokens)
+        with torch.no_grad(), prefix.recording() as kwargs:
+            model(tokens, **kwargs)
+        assert bool(prefix.layers) is causal
+        if causal:  # one (keys, values) pair per layer, every position, grouped-query heads
+            assert len(prefix.layers) == model.cfg.n_layers
+            keys, values = prefix.layers[0]
+            assert keys.shape[0] == tokens.shape[0] and keys.shape[2] == tokens.shape[1] == values.shape[2]
+            assert keys.shape[1] == model.cfg.n_key_value_heads
+
+
+def test_rows_per_pass_follow_the_free_memory(monkeypatch):
+    import relp.interventions as interventions
+
+    model = tiny_model("llama", dtype=torch.float64, n_layers=2)
+    clean, corrupted, metric = _prompts(model)
+    row = interventions.row_bytes(model, clean.shape[1])
+    assert row == 8 * (7 * (8 * 32 + 3 * 48 + 2 * 4 * 7) + 7 * model.cfg.d_vocab_out)
+    monkeypatch.setattr(interventions, "free_memory", lambda device: 6 * row / interventions.MEMORY_FRACTION)
+    assert interventions.rows_per_pass(model, clean.shape[1]) == 6
+    small = relp.activation_patching(model, clean, corrupted, metric, ["resid_pre"], progress=False)
+    assert small.metadata["rows_per_pass"] == 6  # two copies of the three prompts
+    monkeypatch.setattr(interventions, "free_memory", lambda device: 1e15)
+    assert interventions.rows_per_pass(model, clean.shape[1]) == interventions.MAX_ROWS
+    large = relp.activation_patching(model, clean, corrupted, metric, ["resid_pre"], progress=False)
+    torch.testing.assert_close(small["resid_pre"], large["resid_pre"], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        relp.activation_patching(model, clean, corrupted, metric, ["resid_pre"], progress=False, batch_size=0)
