@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from relp.circuits import Circuit, count_for_percent, empty_circuit, node_axes, node_order
 from relp.components import component_for
-from relp.interventions import Replacement, activation, cache_activations, hook_names, run_stacked
+from relp.interventions import Replacement, activation, cache_activations, hook_names, rows_per_pass, run_stacked
 from relp.metrics import metric_name
 from relp.tokens import to_tokens
 
@@ -288,7 +288,8 @@ class CircuitEvaluator(_Evaluator):
         ablation: "corrupt", "mean", "mean_positional" or "zero".
         reference: prompts for the mean ablations (tokens [n, pos], texts, or a list of token tensors
             of any lengths for "mean"); default: `corrupted`.
-        batch_size: rows per forward pass; circuits share a pass as stacked copies of the batch.
+        batch_size: rows per forward pass; circuits share a pass as stacked copies of the batch (default:
+            chosen from the free memory, ``relp.interventions.rows_per_pass``).
         logits_to_keep: pass only the last k positions' logits to the metric (saves the unembedding
             elsewhere; for last-token metrics such as IOI's logit difference).
     """
@@ -302,7 +303,7 @@ class CircuitEvaluator(_Evaluator):
         *,
         ablation: str = "corrupt",
         reference=None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         logits_to_keep: int | None = None,
         progress: bool = False,
     ):
@@ -315,12 +316,12 @@ class CircuitEvaluator(_Evaluator):
             )
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation must be one of {ABLATIONS}; got {ablation!r}")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be positive; got {batch_size}")
         self.model = model
         self.metric = metric
         self.ablation = ablation
-        self.batch_size = int(batch_size)
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.logits_to_keep = logits_to_keep
         self.progress = progress
         self.clean = to_tokens(model, clean)
@@ -441,7 +442,8 @@ class CircuitEvaluator(_Evaluator):
         return torch.tensor([self._value_cache[key] for key in keys], dtype=torch.float64)
 
     def _run(self, items: list[tuple[tuple, Circuit]]) -> None:
-        copies_per_pass = max(1, self.batch_size // self.n_prompts)
+        rows = self.batch_size or rows_per_pass(self.model, self.n_positions, self.logits_to_keep)
+        copies_per_pass = max(1, rows // self.n_prompts)
         groups: dict[tuple, list] = {}
         for key, circuit in items:
             groups.setdefault(key[0], []).append((key, circuit))

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--changes", nargs="+", default=["all"], help="kinds of change: all, or some of subject, object, antonym")
     parser.add_argument("--components", nargs="+", default=["resid_pre", "attn_out", "mlp_out", "head"], help="components to score")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass in activation patching")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward pass in activation patching (default: chosen from free memory)")
     parser.add_argument("--top-k", type=int, default=10, help="k of the top-k overlap")
     parser.add_argument("--out", default="runs/embedding", help="output directory")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablation", default="corrupt", choices=["corrupt", "mean", "mean_positional", "zero"])
     parser.add_argument("--seeds", type=int, default=5, help="random circuits: number of seeds (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="prompt generation seed")
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (activation patching and evaluation)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (activation patching and evaluation) (default: chosen from free memory)")
     parser.add_argument("--export-percent", type=float, default=5.0, help="circuits/<method>.json: top k%% in the graph (default: 5)")
     parser.add_argument("--out", default="runs/faithfulness", help="output directory")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figure")

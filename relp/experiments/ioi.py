@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corruption", default="s2_io_flip", choices=CORRUPTIONS, help="default: s2_io_flip, the corruption of the paper's demo (S2 replaced by IO, which flips the answer)")
     parser.add_argument("--components", nargs="+", default=["resid_pre", "attn_out", "mlp_out"], help="components to score (add 'head' for heads)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass in activation patching")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward pass in activation patching (default: chosen from free memory)")
     parser.add_argument("--top-k", type=int, default=10, help="k of the top-k overlap")
     parser.add_argument("--out", default="runs/ioi", help="output directory")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
