@@ -83,14 +83,17 @@ def check_agreement(agreement: dict, saved: dict, components, top_k: int = 10) -
 def check_positions_csv(path: Path, saved: dict, batches, components) -> None:
     """positions.csv holds, per method, component, layer (and head) and position label, the mean score
     over every (prompt, position) cell of that label in every batch; recomputed here from the saved
-    scores and each batch's named positions (BOS = position 0, the named ones, the rest "other")."""
+    scores and each batch's named positions (BOS = position 0; a named position counts for each of its
+    names; every other position is "other")."""
     table = pd.read_csv(path)
     for method, results in saved.items():
         for component in components:
             sums: dict[tuple, float] = {}
             counts: dict[tuple, int] = {}
             for result, batch in zip(results, batches):
-                named = {index: name for name, index in batch.examples[0].positions.items()}
+                named: dict[int, list[str]] = {}  # a position may carry several names (CHANGED and OBJECT)
+                for name, index in batch.examples[0].positions.items():
+                    named.setdefault(index, []).append(name)
                 assert all(example.positions == batch.examples[0].positions for example in batch.examples)
                 scores = result[component].double()
                 if component == "head":  # [layer, head, pos]
@@ -99,9 +102,9 @@ def check_positions_csv(path: Path, saved: dict, batches, components) -> None:
                     cells = {(layer,): scores[layer] for layer in range(scores.shape[0])}
                 for key, by_position in cells.items():
                     for position, value in enumerate(by_position.tolist()):
-                        label = "BOS" if position == 0 else named.get(position, "other")
-                        sums[(*key, label)] = sums.get((*key, label), 0.0) + len(batch) * value
-                        counts[(*key, label)] = counts.get((*key, label), 0) + len(batch)
+                        for label in ["BOS"] if position == 0 else named.get(position, ["other"]):
+                            sums[(*key, label)] = sums.get((*key, label), 0.0) + len(batch) * value
+                            counts[(*key, label)] = counts.get((*key, label), 0) + len(batch)
             rows = table[(table["method"] == method) & (table["component"] == component)]
             assert len(rows) == len(sums), f"positions.csv has {len(rows)} rows for {method} {component}; expected {len(sums)}"
             for _, row in rows.iterrows():
