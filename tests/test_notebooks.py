@@ -59,6 +59,9 @@ def execute_notebook(name: str, tmp_path: Path, *, small: bool) -> tuple[object,
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     env = dict(os.environ)
     env["RELP_NOTEBOOK_SMALL"] = "1" if small else "0"
+    # The kernel runs in notebooks/, so without this it would import relp from wherever the interpreter
+    # has it installed (an editable install may point at another checkout): test this checkout's relp.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["IPYTHONDIR"] = str(tmp_path / "ipython")  # keep the kernel's profile out of ~/.ipython
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")  # connection files
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # figures as PNG outputs, even if CI sets Agg

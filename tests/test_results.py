@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -278,4 +277,4 @@ def test_top_and_repr_on_a_tiny_model_run():
     assert all(row["position"] >= 2 for _, row in top.iterrows() if row["score"] != 0)
     assert all(f"'{row['token']}'" in row["name"] for _, row in top.iterrows())
     assert "RelP on tiny-gpt2" in repr(rp) and "1 prompt x 6 tokens" in repr(rp)
-    assert not math.isnan(rp.seconds)
+    assert 0 < rp.seconds < 600  # the wall time of the call was measured (not NaN, not a default)
