@@ -392,7 +392,9 @@ def row_bytes(model, n_positions: int, logits_positions: int | None = None) -> i
     cfg = model.cfg
     itemsize = torch.empty((), dtype=cfg.dtype).element_size()
     d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
-    logits = (n_positions if logits_positions is None else logits_positions) * cfg.d_vocab_out
+    # a model whose config names no vocabulary (a hand-made test model) outputs no wider than its stream
+    d_out = getattr(cfg, "d_vocab_out", None) or getattr(cfg, "d_vocab", None) or cfg.d_model
+    logits = (n_positions if logits_positions is None else logits_positions) * d_out
     return itemsize * (n_positions * (8 * cfg.d_model + 3 * d_mlp + 2 * cfg.n_heads * n_positions) + logits)
 
 
