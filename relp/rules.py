@@ -37,12 +37,15 @@ import contextlib
 import contextvars
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 Hook = tuple[str, Callable]
+# The model's hook point names (aliases included), read once per call: on the bridge ``model.hook_dict``
+# is a property that rebuilds the registry with every alias on each read (~0.5 ms).
+HookNames = Collection[str]
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,12 @@ class _ScaleGrad(torch.autograd.Function):
 # Hook builders, one per site. Each returns (hook name, hook function) pairs for a model.
 
 
-def _norm_hooks(model, active: frozenset[str]) -> list[Hook]:
+def _norm_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
     """LN-rule: rebuild each norm's output with the scale detached (value kept exactly)."""
     if "ln" not in active:
         return []
     hooks: list[Hook] = []
-    prefixes = [n[: -len(".hook_normalized")] for n in model.hook_dict if n.endswith(".hook_normalized")]
+    prefixes = [n[: -len(".hook_normalized")] for n in names if n.endswith(".hook_normalized")]
     for prefix in prefixes:
         module = model.get_submodule(prefix)
         inputs: dict[str, torch.Tensor] = {}
@@ -225,7 +228,7 @@ def half_rule(activation_path: torch.Tensor, activated: torch.Tensor, up: torch.
     return _gate_product(activation_path, activated, up, 0.5)
 
 
-def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
+def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
     """Identity- and Half-rule: rebuild the MLP hidden units (hook_post) from the captured inputs,
     composing :func:`identity_rule` (the activation) and :func:`half_rule` (the gate product)."""
     identity, half = "identity" in active, "half" in active
@@ -272,10 +275,10 @@ def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
     return hooks
 
 
-def _attention_hooks(model, active: frozenset[str]) -> list[Hook]:
+def _attention_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
     """AH-rule (pattern constant) or AttnLRP (q, k gradients x1/4, v x1/2)."""
     hooks: list[Hook] = []
-    pattern_hook = "ah" in active and not _ah_in_attention_function(model)
+    pattern_hook = "ah" in active and not _ah_in_attention_function(model, names)
     for layer in range(model.cfg.n_layers):
         prefix = f"blocks.{layer}.attn"
         if pattern_hook:
@@ -377,15 +380,20 @@ def pattern_hook_is_live(model) -> bool:
     return _PATTERN_LIVE_CACHE[model]
 
 
-def _ah_in_attention_function(model) -> bool:
+def _ah_in_attention_function(model, names: HookNames | None = None) -> bool:
     """Where the AH-rule acts: True through the attention function (the pattern hook exists but is
     ignored), False through ``hook_pattern`` (a model without that hook point at all gets the hook, and
-    rule_hooks reports it as missing)."""
-    return "blocks.0.attn.hook_pattern" in model.hook_dict and not pattern_hook_is_live(model)
+    rule_hooks reports it as missing). `names`: the model's hook names, if already read."""
+    names = model.hook_dict if names is None else names
+    return "blocks.0.attn.hook_pattern" in names and not pattern_hook_is_live(model)
 
 
-def _attention_contexts(model, active: frozenset[str]) -> list[Callable[[], contextlib.AbstractContextManager]]:
-    if "ah" in active and _ah_in_attention_function(model):
+def _attention_contexts(
+    model, active: frozenset[str], names: HookNames | None = None
+) -> list[Callable[[], contextlib.AbstractContextManager]]:
+    """The contexts a rule set needs besides its hooks: they change how the forward pass is computed
+    (the AH-rule's attention function), not the values it computes."""
+    if "ah" in active and _ah_in_attention_function(model, names):
         return [lambda: _pattern_constant_in_attention(model)]
     return []
 
@@ -393,14 +401,16 @@ def _attention_contexts(model, active: frozenset[str]) -> list[Callable[[], cont
 SITE_BUILDERS = {"norm": _norm_hooks, "mlp": _mlp_hooks, "attention": _attention_hooks}
 
 
-def rule_hooks(model, rules: RuleSet | Iterable[str]) -> list[Hook]:
+def rule_hooks(model, rules: RuleSet | Iterable[str], *, names: HookNames | None = None) -> list[Hook]:
     """All (hook name, function) pairs that implement the given rules on this model.
 
-    Some rules also need a context (see :func:`applied_rules`); this lists only the hooks.
+    Some rules also need a context (see :func:`applied_rules`); this lists only the hooks. `names`: the
+    model's hook names if the caller has read them (``model.hook_dict`` is read at most once here).
     """
     active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
-    hooks = [hook for builder in SITE_BUILDERS.values() for hook in builder(model, active)]
-    missing = sorted({name for name, _ in hooks if name not in model.hook_dict})
+    names = model.hook_dict if names is None else names
+    hooks = [hook for builder in SITE_BUILDERS.values() for hook in builder(model, active, names)]
+    missing = sorted({name for name, _ in hooks if name not in names})
     if missing:
         raise RuleNotLiveError(f"rules {sorted(active)} need hook points this model lacks: {missing[:5]}")
     return hooks
@@ -411,10 +421,11 @@ def applied_rules(model, rules: RuleSet | Iterable[str], *, hooks: list[Hook] | 
     """Apply rules for the duration of a ``with`` block, without the liveness check: their hooks
     (or the given subset of them) and, where the architecture needs it, the attention fallback."""
     active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
+    names = model.hook_dict if hooks is None or "ah" in active else ()  # read once, for both uses below
     with contextlib.ExitStack() as stack:
-        for context in _attention_contexts(model, active):
+        for context in _attention_contexts(model, active, names):
             stack.enter_context(context())
-        stack.enter_context(model.hooks(fwd_hooks=rule_hooks(model, active) if hooks is None else hooks))
+        stack.enter_context(model.hooks(fwd_hooks=rule_hooks(model, active, names=names) if hooks is None else hooks))
         yield
 
 
@@ -468,15 +479,16 @@ def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
     tokens, direction = _probe_tokens(model)
     logits0, grad0 = _probe(model, [], [], tokens, direction)
     grad0 = grad0[:, 1:]
+    names = model.hook_dict
     for rule in todo:
-        hooks = rule_hooks(model, [rule])
+        hooks = rule_hooks(model, [rule], names=names)
         # Attention rules act through several hook points (q, k, v); each must be live on its own,
         # since an architecture may honour edits of v but ignore those of q and k.
         parts: dict[str, list[Hook]] = {}
         for hook in hooks:
             part = hook[0].rsplit(".", 1)[-1] if RULES[rule].site == "attention" else "all"
             parts.setdefault(part, []).append(hook)
-        if _attention_contexts(model, frozenset([rule])):
+        if _attention_contexts(model, frozenset([rule]), names):
             parts.setdefault("attention function", [])  # the fallback acts without hooks
         for part, part_hooks in parts.items():
             logits, grad = _probe(model, [rule], part_hooks, tokens, direction)
