@@ -198,18 +198,26 @@ def _activation_fn(model, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return resolve_activation_fn(mlp.config)
 
 
-def identity_rule(pre: torch.Tensor, activated: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+def identity_rule(
+    pre: torch.Tensor, activated: torch.Tensor, plain: torch.Tensor | Callable[[], torch.Tensor]
+) -> torch.Tensor:
     """Identity-rule: the gradient path of the MLP activation act(x), with d act(x)/dx replaced by act(x)/x.
 
     `pre` is the activation's input x, `activated` its value act(x) (only its value is used) and
-    `plain` act(x) with its ordinary autograd path. The path is ``act(x)/x * x`` with the ratio a
-    constant; where x is exactly 0 the ratio is undefined and `plain` is kept (its derivative act'(0)
-    is the limit of act(x)/x for GELU and SiLU), so the gradient is never NaN.
+    `plain` act(x) with its ordinary autograd path (or a function that computes it). The path is
+    ``act(x)/x * x`` with the ratio a constant; where x is exactly 0 the ratio is undefined and `plain`
+    is kept (its derivative act'(0) is the limit of act(x)/x for GELU and SiLU), so the gradient is never
+    NaN. Without an exact zero (the usual case) `plain` is not used, and not computed if it is a function.
     """
-    zero = pre == 0
-    ratio = activated.detach() / torch.where(zero, torch.ones_like(pre), pre).detach()
+    value = pre.detach()
+    zero = value == 0
+    if not zero.any():
+        # The same gradient, bit for bit, as the branch below: there ``where`` passes the whole gradient
+        # to ``ratio * pre`` and an exact zero to `plain`, which adds nothing.
+        return activated.detach() / value * pre
+    ratio = activated.detach() / torch.where(zero, torch.ones_like(value), value)
     # At an exact zero, act(x)/x is undefined: keep the local derivative there.
-    return torch.where(zero, plain, ratio * pre)
+    return torch.where(zero, plain() if callable(plain) else plain, ratio * pre)
 
 
 def _gate_product(activation_path: torch.Tensor, activated: torch.Tensor, up: torch.Tensor, share: float) -> torch.Tensor:
@@ -250,22 +258,17 @@ def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
 
         def rewrite(post, hook, captured=captured, act=act):
             pre = captured.pop("pre")
-            if gated:
-                up = captured.pop("up")
-                activated = act(pre)  # recomputed only for the gradient path; the value is HF's
-            else:
-                up, activated = None, post
+            if not gated:  # post is act(pre), with its autograd path
+                return _keep_value(post, identity_rule(pre, post, post) if identity else post)
+            up = captured.pop("up")
             if identity:
-                plain = act(pre) if gated else post
-                activation_path = identity_rule(pre, activated, plain)
+                # act(g) is recomputed once, for its value (HF's is inside the product post = act(g) * u);
+                # its autograd path is built only where the Identity-rule needs it (exact zeros).
+                activated = act(pre.detach())
+                activation_path = identity_rule(pre, activated, lambda: act(pre))
             else:
-                activation_path = activated
-            if not gated:
-                return _keep_value(post, activation_path)
-            if half:
-                path = half_rule(activation_path, activated, up)
-            else:
-                path = _gate_product(activation_path, activated, up, 1.0)
+                activation_path = activated = act(pre)
+            path = half_rule(activation_path, activated, up) if half else _gate_product(activation_path, activated, up, 1.0)
             return _keep_value(post, path)
 
         hooks.append((f"{prefix}.hook_pre", capture("pre")))

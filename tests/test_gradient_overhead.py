@@ -2,6 +2,8 @@
 
 * The rule hooks are built with at most one read of the bridge's ``hook_dict`` (a property that rebuilds
   the hook registry on every read), whatever the number of layers.
+* The MLP rewrite (Identity- and Half-rule) gives gradients ``torch.equal`` to the formula it replaced
+  (written out below), also where pre-activations are exactly zero.
 """
 
 from __future__ import annotations
@@ -119,5 +121,162 @@ def test_relevance_patching_reads_hook_dict_a_fixed_number_of_times(monkeypatch)
     with model.hooks(fwd_hooks=[]):
         pass
     assert extra[0] == extra[1] and extra[0] <= 1 + counter.reads, extra
+
+
+# ----------------------------------------------------------------------------------------------
+# The MLP rewrite against the formula it replaced
+
+
+def _old_identity_rule(pre, activated, plain):
+    zero = pre == 0
+    ratio = activated.detach() / torch.where(zero, torch.ones_like(pre), pre).detach()
+    return torch.where(zero, plain, ratio * pre)
+
+
+def _old_mlp_hooks(model, active):
+    """relp.rules._mlp_hooks before the rewrite: act(g) computed twice with autograd paths, and the
+    x == 0 branch built on every element."""
+    identity, half = "identity" in active, "half" in active
+    if not (identity or half):
+        return []
+    gated = bool(model.cfg.gated_mlp)
+    hooks = []
+    for layer in range(model.cfg.n_layers):
+        prefix = f"blocks.{layer}.mlp"
+        captured = {}
+        act = _activation_fn(model, layer) if gated else None
+
+        def capture(name, captured=captured):
+            def hook(x, hook, name=name):
+                captured[name] = x
+                return x
+
+            return hook
+
+        def rewrite(post, hook, captured=captured, act=act):
+            pre = captured.pop("pre")
+            if gated:
+                up = captured.pop("up")
+                activated = act(pre)
+            else:
+                up, activated = None, post
+            if identity:
+                plain = act(pre) if gated else post
+                activation_path = _old_identity_rule(pre, activated, plain)
+            else:
+                activation_path = activated
+            if not gated:
+                return _keep_value(post, activation_path)
+            if half:
+                path = half_rule(activation_path, activated, up)
+            else:
+                path = _gate_product(activation_path, activated, up, 1.0)
+            return _keep_value(post, path)
+
+        hooks.append((f"{prefix}.hook_pre", capture("pre")))
+        if gated:
+            hooks.append((f"{prefix}.hook_pre_linear", capture("up")))
+        hooks.append((f"{prefix}.hook_post", rewrite))
+    return hooks
+
+
+def _gradients(model, tokens, rule_set, hooks, direction):
+    """Gradients of a fixed functional of all logits w.r.t. every residual stream and MLP hook point."""
+    n_layers = model.cfg.n_layers
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [
+        f"blocks.{l}.mlp.{h}" for l in range(n_layers) for h in ("hook_pre", "hook_post")
+    ]
+    if model.cfg.gated_mlp:
+        names += [f"blocks.{l}.mlp.hook_pre_linear" for l in range(n_layers)]
+    store = {}
+
+    def root(x, hook):
+        return x.detach().requires_grad_(True)
+
+    def keep(name):
+        def hook(x, hook):
+            store[name] = x
+            return x
+
+        return hook
+
+    with torch.enable_grad(), applied_rules(model, rule_set, hooks=hooks):
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", root)] + [(n, keep(n)) for n in names]):
+            logits = model(tokens)
+            grads = torch.autograd.grad((logits * direction).sum(), [store[n] for n in names])
+    return dict(zip(names, grads))
+
+
+def _zero_first_units(model):
+    """Make hidden unit 0's pre-activation exactly 0 in every layer (the Identity-rule's x == 0 branch)."""
+    edits = []
+    with torch.no_grad():
+        for block in model.blocks:
+            mlp = block.mlp
+            linear = getattr(mlp, "gate" if model.cfg.gated_mlp else "in")
+            weight = linear.original_component.weight
+            bias = linear.original_component.bias
+            # nn.Linear: weight [out, in]; GPT-2's Conv1D: weight [in, out]
+            conv = type(linear.original_component).__name__ == "Conv1D"
+            row = weight[:, 0] if conv else weight[0]
+            edits.append((row, row.clone(), bias, None if bias is None else bias[0].clone()))
+            row.zero_()
+            if bias is not None:
+                bias[0] = 0.0
+    return edits
+
+
+def _restore(edits):
+    with torch.no_grad():
+        for row, saved, bias, saved_bias in edits:
+            row.copy_(saved)
+            if bias is not None:
+                bias[0] = saved_bias
+
+
+@pytest.mark.parametrize("zero_units", [False, True], ids=["no-zeros", "exact-zeros"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_rewrite_gives_the_old_gradients_bitwise(arch, dtype, zero_units):
+    model = _model(arch, dtype)
+    tokens, _, _ = _prompts(model)
+    direction = torch.randn(*tokens.shape, model.cfg.d_vocab_out, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    edits = _zero_first_units(model) if zero_units else []
+    try:
+        compared = 0
+        for rules in RULE_SETS:
+            rule_set = resolve_rules(model, rules)
+            active = frozenset(rule_set.active)
+            if not active & {"identity", "half"}:
+                continue
+            new_hooks = rule_hooks(model, rule_set)
+            old_hooks = [h for h in new_hooks if ".mlp.hook_" not in h[0]] + _old_mlp_hooks(model, active)
+            assert len(old_hooks) == len(new_hooks)
+            new = _gradients(model, tokens, rule_set, new_hooks, direction)
+            old = _gradients(model, tokens, rule_set, old_hooks, direction)
+            assert torch.isfinite(new["blocks.0.hook_resid_pre"]).all()
+            for name in new:
+                assert torch.equal(new[name], old[name]), (
+                    f"{arch} {dtype} {rules} {name}: max |diff| {(new[name] - old[name]).abs().max().item():.3g}"
+                )
+            compared += 1
+        assert compared >= 3
+    finally:
+        _restore(edits)
+
+
+def test_zero_unit_edit_makes_exact_zeros():
+    """The exact-zeros case above is not vacuous: the edited unit's pre-activation is exactly 0."""
+    for arch in ARCHS:
+        model = tiny_model(arch, n_layers=2)
+        tokens, _, _ = _prompts(model)
+        _zero_first_units(model)
+        store = {}
+        with torch.no_grad(), model.hooks(
+            fwd_hooks=[(f"blocks.{l}.mlp.hook_pre", lambda x, hook, l=l: store.setdefault(l, x)) for l in range(2)]
+        ):
+            model(tokens)
+        for pre in store.values():
+            assert (pre[..., 0] == 0).all() and (pre[..., 1:] != 0).any()
 
 
