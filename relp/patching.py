@@ -45,7 +45,7 @@ from relp.interventions import (
 from relp.methods import Cost, register_method
 from relp.metrics import check_metric_value, metric_name
 from relp.results import PatchingResult
-from relp.rules import DEFAULT_PRESET, lrp_rules
+from relp.rules import DEFAULT_PRESET, RuleSet, applied_rules, check_rules_live, resolve_rules, rule_forward_contexts
 from relp.tokens import to_tokens
 
 Tokens = str | Sequence[str] | Int[torch.Tensor, "batch pos"]
@@ -222,12 +222,24 @@ def activation_patching(
 # Gradient-based: attribution patching and relevance patching
 
 
-def _gradient_scores(model, run: _Run, metric: Metric) -> tuple[dict[str, torch.Tensor], float]:
-    """(source - base) . dm/d(activation) at the base run, for every requested cell (2 forward, 1 backward)."""
+def _gradient_scores(model, run: _Run, metric: Metric, *, rules: RuleSet | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """(source - base) . dm/d(activation) at the base run, for every requested cell (2 forward, 1 backward).
+
+    With `rules` (checked live by the caller) the gradient run follows them. The source run, whose
+    gradient is not needed, is taken without their hooks: they return their input's value bit for bit,
+    so its activations are those of a run under the rules (tests check this with ``torch.equal``); only
+    what changes how the forward pass is computed (the AH-rule's attention function) is kept. The source
+    run's logits are never read: only the last position's are computed.
+    """
     if any(c.offset_template for c in run.components):
         check_resid_mid(model, run.layers, run.base)
     names = _read_names(run)
-    source = cache_activations(model, run.source, names)
+    readout = getattr(metric, "readout", None)
+    ruled = rules is not None and bool(rules.active)
+    source: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), rule_forward_contexts(model, rules) if ruled else contextlib.nullcontext():
+        with model.hooks(fwd_hooks=capture_hooks(source, names, detach=True)):
+            model_output(model, run.source, metric, None if readout is not None else 1)
     captured: dict[str, torch.Tensor] = {}
 
     def make_root_differentiable(x, hook):
@@ -236,11 +248,16 @@ def _gradient_scores(model, run: _Run, metric: Metric) -> tuple[dict[str, torch.
 
     hooked = list(dict.fromkeys(c.hook_name(layer) for c, layer in _sites(run)))
     hooks = [("blocks.0.hook_resid_pre", make_root_differentiable), *capture_hooks(captured, names, detach=False)]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        value = check_metric_value(metric(model_output(model, run.base, metric)), metric, "the base run")
-        if not value.requires_grad:
-            raise ValueError(f"metric {metric_name(metric)} is not differentiable in the model's output (no gradient)")
-        grads = torch.autograd.grad(value, [captured[name] for name in hooked], allow_unused=True)
+    # The rules' hooks are registered first: a capture at the same hook point (the neuron component's
+    # hook_post, BERT's resid_mid at ln1.hook_out) must see the rule's output.
+    with torch.enable_grad(), applied_rules(model, rules) if ruled else contextlib.nullcontext():
+        with model.hooks(fwd_hooks=hooks):
+            value = check_metric_value(
+                metric(model_output(model, run.base, metric)), metric, "the base run"
+            )
+            if not value.requires_grad:
+                raise ValueError(f"metric {metric_name(metric)} is not differentiable in the model's output (no gradient)")
+            grads = torch.autograd.grad(value, [captured[name] for name in hooked], allow_unused=True)
     grad_of = dict(zip(hooked, grads))
     detached = {k: v.detach() for k, v in captured.items()}
     scores = {}
@@ -297,12 +314,16 @@ def relevance_patching(
     """Relevance patching (RelP): attribution patching whose backward pass follows LRP `rules`.
 
     `rules` is a preset name from ``relp.rules.PRESETS`` (default ``"relp"``: LN + Identity + Half) or
-    an iterable of rule names. Both runs are taken under the rules (they do not change forward values).
+    an iterable of rule names; they are checked live on the model first (once per model and rule). The
+    gradient run is taken under the rules; the source run without their hooks, which do not change
+    forward values (bit for bit), but with any rule that changes how attention is computed (the AH-rule's
+    attention function on BERT-style models).
     """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
-    with lrp_rules(model, rules) as rule_set:
-        scores, base_value = _gradient_scores(model, run, metric)
+    rule_set = resolve_rules(model, rules)
+    check_rules_live(model, rule_set)
+    scores, base_value = _gradient_scores(model, run, metric, rules=rule_set)
     return _result(
         model, run, scores, "relevance_patching", metric, rule_set.active, start,
         base_metric=base_value, rules_not_applicable=rule_set.not_applicable,

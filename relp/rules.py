@@ -432,6 +432,22 @@ def applied_rules(model, rules: RuleSet | Iterable[str], *, hooks: list[Hook] | 
         yield
 
 
+@contextlib.contextmanager
+def rule_forward_contexts(model, rules: RuleSet | Iterable[str]) -> Iterator[None]:
+    """Only the parts of a rule set that change how the forward pass is computed, without its hooks.
+
+    The hooks return their input's value bit for bit, so a run whose gradient is not needed (the source
+    run of relevance patching) can leave them out. What stays is the AH-rule's attention function on
+    architectures that need it (BERT-style): it replaces the attention kernel, which need not give the
+    same bits as the model's own implementation (e.g. SDPA), so both runs must use it.
+    """
+    active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
+    with contextlib.ExitStack() as stack:
+        for context in _attention_contexts(model, active):
+            stack.enter_context(context())
+        yield
+
+
 # ----------------------------------------------------------------------------------------------
 # Liveness: each rule must change the gradient and leave the forward values alone.
 
