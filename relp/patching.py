@@ -222,14 +222,17 @@ def activation_patching(
 # Gradient-based: attribution patching and relevance patching
 
 
-def _gradient_scores(model, run: _Run, metric: Metric, *, rules: RuleSet | None = None) -> tuple[dict[str, torch.Tensor], float]:
+def _gradient_scores(
+    model, run: _Run, metric: Metric, *, rules: RuleSet | None = None, logits_to_keep: int | None = None
+) -> tuple[dict[str, torch.Tensor], float]:
     """(source - base) . dm/d(activation) at the base run, for every requested cell (2 forward, 1 backward).
 
     With `rules` (checked live by the caller) the gradient run follows them. The source run, whose
     gradient is not needed, is taken without their hooks: they return their input's value bit for bit,
     so its activations are those of a run under the rules (tests check this with ``torch.equal``); only
     what changes how the forward pass is computed (the AH-rule's attention function) is kept. The source
-    run's logits are never read: only the last position's are computed.
+    run's logits are never read: only the last position's are computed. `logits_to_keep` is passed to the
+    gradient run's :func:`relp.interventions.model_output`.
     """
     if any(c.offset_template for c in run.components):
         check_resid_mid(model, run.layers, run.base)
@@ -253,7 +256,7 @@ def _gradient_scores(model, run: _Run, metric: Metric, *, rules: RuleSet | None 
     with torch.enable_grad(), applied_rules(model, rules) if ruled else contextlib.nullcontext():
         with model.hooks(fwd_hooks=hooks):
             value = check_metric_value(
-                metric(model_output(model, run.base, metric)), metric, "the base run"
+                metric(model_output(model, run.base, metric, logits_to_keep)), metric, "the base run"
             )
             if not value.requires_grad:
                 raise ValueError(f"metric {metric_name(metric)} is not differentiable in the model's output (no gradient)")
@@ -277,7 +280,8 @@ def _gradient_scores(model, run: _Run, metric: Metric, *, rules: RuleSet | None 
 
 
 @register_method(
-    "atp", label="AtP", display_name="attribution patching", color="tab:blue", cost=Cost(forward=2, backward=1),
+    "atp", label="AtP", display_name="attribution patching", color="tab:blue", options=("logits_to_keep",),
+    cost=Cost(forward=2, backward=1),
 )
 def attribution_patching(
     model,
@@ -288,16 +292,22 @@ def attribution_patching(
     *,
     direction: str = "denoising",
     layers: Iterable[int] | None = None,
+    logits_to_keep: int | None = None,
 ) -> PatchingResult:
-    """Attribution patching (AtP): ``(source - base) . dm/dn`` at the base run, plain gradients."""
+    """Attribution patching (AtP): ``(source - base) . dm/dn`` at the base run, plain gradients.
+
+    With `logits_to_keep=k` the metric receives only the logits of the last k positions (``[batch, k,
+    vocab]``) and the unembedding is computed, and differentiated, only there (as in
+    :func:`activation_patching`); the scores are those of the full logits up to float rounding.
+    """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
-    scores, base_value = _gradient_scores(model, run, metric)
+    scores, base_value = _gradient_scores(model, run, metric, logits_to_keep=logits_to_keep)
     return _result(model, run, scores, "attribution_patching", metric, (), start, base_metric=base_value)
 
 
 @register_method(
-    "relp", label="RelP", display_name="relevance patching", color="tab:red", options=("rules",),
+    "relp", label="RelP", display_name="relevance patching", color="tab:red", options=("rules", "logits_to_keep"),
     cost=Cost(forward=2, backward=1),
 )
 def relevance_patching(
@@ -310,6 +320,7 @@ def relevance_patching(
     rules: str | Iterable[str] = DEFAULT_PRESET,
     direction: str = "denoising",
     layers: Iterable[int] | None = None,
+    logits_to_keep: int | None = None,
 ) -> PatchingResult:
     """Relevance patching (RelP): attribution patching whose backward pass follows LRP `rules`.
 
@@ -317,13 +328,13 @@ def relevance_patching(
     an iterable of rule names; they are checked live on the model first (once per model and rule). The
     gradient run is taken under the rules; the source run without their hooks, which do not change
     forward values (bit for bit), but with any rule that changes how attention is computed (the AH-rule's
-    attention function on BERT-style models).
+    attention function on BERT-style models). `logits_to_keep` as in :func:`attribution_patching`.
     """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
     rule_set = resolve_rules(model, rules)
     check_rules_live(model, rule_set)
-    scores, base_value = _gradient_scores(model, run, metric, rules=rule_set)
+    scores, base_value = _gradient_scores(model, run, metric, rules=rule_set, logits_to_keep=logits_to_keep)
     return _result(
         model, run, scores, "relevance_patching", metric, rule_set.active, start,
         base_metric=base_value, rules_not_applicable=rule_set.not_applicable,

@@ -8,6 +8,8 @@
   those of the old protocol (both runs under the rules), and every activation of a run is bit for bit
   the same with and without the hooks (float32 and float64, GPT-2, Llama, BERT, the AH-rule's
   attention fallback included).
+* ``logits_to_keep`` in the gradient methods gives the full-logits scores up to float rounding.
+* The liveness probe runs once per model and rule.
 """
 
 from __future__ import annotations
@@ -374,3 +376,91 @@ def test_ah_fallback_context_without_the_hooks():
     assert {c._attn_implementation for c in configs} == {"eager"}
 
 
+# ----------------------------------------------------------------------------------------------
+# logits_to_keep in the gradient methods
+
+# Keeping only the last positions' logits changes the shape of the unembedding's matrix products (forward
+# and backward), so BLAS may sum in another order: the scores agree to float rounding, not bit for bit.
+# Measured max |diff| / max |score| on these tiny models (3 layers x 32 and 2 layers x 64 wide, AtP and
+# RelP): float32 <= 3.5e-7 (a few float32 ulps); float64 GPT-2 <= 1.5e-15 (a few float64 ulps); float64
+# Llama <= 3.9e-8 for AtP, because Hugging Face's RMSNorm computes in float32 even in a float64 model
+# (see test_rules_reference.py), so a last-bit change in the logits' gradient can round to another
+# float32 there. Tolerances: 30x the float32 figure where float32 arithmetic is involved, 1e-12 otherwise.
+def _rtol(arch, dtype):
+    return 1e-12 if dtype == torch.float64 and arch != "llama" else 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["atp", "relp"])
+def test_logits_to_keep_gives_the_full_logits_scores(arch, dtype, method):
+    model = _model(arch, dtype)
+    clean, corrupted, metric = _prompts(model)
+    function = get_method(method).function
+    components = ["resid_pre", "attn_out", "mlp_out", "head"]
+    full = function(model, clean, corrupted, metric, components)
+    last = function(model, clean, corrupted, metric, components, logits_to_keep=1)
+    two = function(model, clean, corrupted, metric, components, logits_to_keep=2)
+    for component in components:
+        scale = full[component].abs().max()
+        assert scale > 0
+        for kept in (last, two):
+            torch.testing.assert_close(kept[component], full[component], rtol=0, atol=_rtol(arch, dtype) * scale.item())
+    assert last.metadata["base_metric"] == pytest.approx(full.metadata["base_metric"], rel=_rtol(arch, dtype))
+
+
+@pytest.mark.parametrize("method", ["atp", "relp"])
+def test_logits_to_keep_reaches_the_metric(method):
+    """The gradient run computes only the kept positions' logits (what saves the time)."""
+    model = _model("llama")
+    clean, corrupted, metric = _prompts(model)
+    shapes = []
+
+    def recording(logits):
+        shapes.append(tuple(logits.shape))
+        return metric(logits)
+
+    get_method(method).function(model, clean, corrupted, recording, ["resid_pre"], logits_to_keep=1)
+    assert shapes == [(clean.shape[0], 1, model.cfg.d_vocab_out)]
+
+
+def test_logits_to_keep_gives_the_same_errors_as_activation_patching():
+    model = _model("gpt2")
+    clean, corrupted, metric = _prompts(model)
+    for method in ("ap", "atp", "relp"):
+        function = get_method(method).function
+        kwargs = {"progress": False} if method == "ap" else {}
+        with pytest.raises(ValueError, match="logits_to_keep must be in 1..8"):
+            function(model, clean, corrupted, metric, ["resid_pre"], logits_to_keep=9, **kwargs)
+        embedding = relp.SentenceEmbedding("mean")
+        readout_metric = relp.CosineSimilarity(torch.randn(model.cfg.d_model), embedding)
+        with pytest.raises(ValueError, match="applies to logits"):
+            function(model, clean, corrupted, readout_metric, ["resid_pre"], logits_to_keep=1, **kwargs)
+
+
+def test_experiments_pass_logits_to_keep_to_the_gradient_methods():
+    settings = {"batch_size": 8, "progress": True, "logits_to_keep": 1, "rules": "relp"}
+    assert get_method("atp").experiment_options(settings) == {"logits_to_keep": 1}
+    assert get_method("relp").experiment_options(settings) == {"logits_to_keep": 1, "rules": "relp"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The liveness probe runs once per model and rule
+
+
+def test_liveness_probe_runs_once_per_model(monkeypatch):
+    model = tiny_model("llama", n_layers=2)
+    clean, corrupted, metric = _prompts(model)
+    calls = []
+    probe = rules_module._probe
+    monkeypatch.setattr(rules_module, "_probe", lambda *args, **kwargs: calls.append(1) or probe(*args, **kwargs))
+    relp.relevance_patching(model, clean, corrupted, metric)
+    first = len(calls)
+    assert first >= 4  # the plain probe and one per rule (ln, identity, half)
+    relp.relevance_patching(model, clean, corrupted, metric)
+    relp.relevance_patching(model, clean, corrupted, metric, rules="ln")
+    with lrp_rules(model, "relp"):
+        pass
+    assert len(calls) == first
+    relp.relevance_patching(model, clean, corrupted, metric, rules="relp+ah")
+    assert len(calls) == first + 2  # the plain probe and the new rule only
