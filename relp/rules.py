@@ -145,6 +145,30 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+class _ConstantRatioGatePath(torch.autograd.Function):
+    """Fused Identity-rule (+ gate product): the value `post`, with the gradients that autograd computes for
+    ``_keep_value(post, _gate_product(ratio * pre, activated, up, share))`` (or, without `up`, for
+    ``_keep_value(post, ratio * pre)``), in the same operations, so bit for bit: to `pre`
+    ``((g * up) * share) * ratio`` (without `up`: ``g * ratio``), to `up` ``g * (share * activated)``.
+    It saves the forward pass the path's seven intermediate tensors, and the backward pass their nodes."""
+
+    @staticmethod
+    def forward(ctx, post, pre, up, ratio, scaled_activated, share):
+        ctx.share = share
+        ctx.save_for_backward(ratio, None if up is None else up.detach(), scaled_activated)
+        return post.view_as(post)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ratio, up, scaled_activated = ctx.saved_tensors
+        grad_pre = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_pre = grad * ratio if up is None else grad * up * ctx.share * ratio
+        if up is not None and ctx.needs_input_grad[2]:
+            grad_up = grad * scaled_activated
+        return None, grad_pre, grad_up, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # Hook builders, one per site. Each returns (hook name, hook function) pairs for a model.
 
@@ -210,11 +234,11 @@ def identity_rule(
     NaN. Without an exact zero (the usual case) `plain` is not used, and not computed if it is a function.
     """
     value = pre.detach()
-    zero = value == 0
-    if not zero.any():
+    if value.numel() and value.abs().amin() > 0:  # no exact zero (nor NaN): one reduction, no bool tensor
         # The same gradient, bit for bit, as the branch below: there ``where`` passes the whole gradient
         # to ``ratio * pre`` and an exact zero to `plain`, which adds nothing.
         return activated.detach() / value * pre
+    zero = value == 0
     ratio = activated.detach() / torch.where(zero, torch.ones_like(value), value)
     # At an exact zero, act(x)/x is undefined: keep the local derivative there.
     return torch.where(zero, plain() if callable(plain) else plain, ratio * pre)
@@ -258,18 +282,24 @@ def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
 
         def rewrite(post, hook, captured=captured, act=act):
             pre = captured.pop("pre")
-            if not gated:  # post is act(pre), with its autograd path
-                return _keep_value(post, identity_rule(pre, post, post) if identity else post)
-            up = captured.pop("up")
+            up = captured.pop("up") if gated else None
+            share = 0.5 if half else 1.0
             if identity:
-                # act(g) is recomputed once, for its value (HF's is inside the product post = act(g) * u);
-                # its autograd path is built only where the Identity-rule needs it (exact zeros).
-                activated = act(pre.detach())
-                activation_path = identity_rule(pre, activated, lambda: act(pre))
+                # act(g) is recomputed once, for its value (HF's is inside the product post = act(g) * u;
+                # without a gate, post is act(pre)); no autograd path is built for it.
+                activated = act(pre.detach()) if gated else post.detach()
+                value = pre.detach()
+                if value.numel() and value.abs().amin() > 0:  # no exact zero (nor NaN): one reduction
+                    # identity_rule (+ half_rule), fused: the same gradients bit for bit (tested).
+                    scaled = share * activated if gated else None
+                    return _ConstantRatioGatePath.apply(post, pre, up, activated / value, scaled, share)
+                # Exact zeros: the Identity-rule keeps act's own derivative there (through its autograd path).
+                activation_path = identity_rule(pre, activated, (lambda: act(pre)) if gated else post)
             else:
-                activation_path = activated = act(pre)
-            path = half_rule(activation_path, activated, up) if half else _gate_product(activation_path, activated, up, 1.0)
-            return _keep_value(post, path)
+                activation_path = activated = act(pre) if gated else post
+            if not gated:
+                return _keep_value(post, activation_path)
+            return _keep_value(post, _gate_product(activation_path, activated, up, share))
 
         hooks.append((f"{prefix}.hook_pre", capture("pre")))
         if gated:

@@ -272,6 +272,29 @@ def test_mlp_rewrite_gives_the_old_gradients_bitwise(arch, dtype, zero_units):
         _restore(edits)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_identity_rule_function_gives_the_old_gradient_bitwise(dtype):
+    """relp.rules.identity_rule (the rule as a function, which the hooks' fused path matches) against the
+    old formula, with and without exact zeros, composed with half_rule as in a gated MLP."""
+    from relp.rules import identity_rule
+
+    g = torch.Generator().manual_seed(5)
+    for zeros in (False, True):
+        pre = torch.randn(3, 5, 16, generator=g, dtype=dtype)
+        if zeros:
+            pre[..., 0] = 0.0
+        up = torch.randn(3, 5, 16, generator=g, dtype=dtype)
+        upstream = torch.randn(3, 5, 16, generator=g, dtype=dtype)
+        grads = []
+        for rule in (identity_rule, _old_identity_rule):
+            x, u = pre.clone().requires_grad_(True), up.clone().requires_grad_(True)
+            activated = torch.nn.functional.silu(x)
+            path = half_rule(rule(x, activated, torch.nn.functional.silu(x)), activated, u)
+            grads.append(torch.autograd.grad((path * upstream).sum(), [x, u]))
+        for new, old in zip(*grads):
+            assert torch.isfinite(new).all() and torch.equal(new, old)
+
+
 def test_zero_unit_edit_makes_exact_zeros():
     """The exact-zeros case above is not vacuous: the edited unit's pre-activation is exactly 0."""
     for arch in ARCHS:
