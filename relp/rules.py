@@ -169,6 +169,22 @@ class _ConstantRatioGatePath(torch.autograd.Function):
         return None, grad_pre, grad_up, None, None, None
 
 
+class _RmsNormRulePath(torch.autograd.Function):
+    """Fused LN-rule on an RMSNorm: the value `y`, with the gradient autograd computes for
+    ``_keep_value(y, x * inv_scale * weight)`` in the same operations, so bit for bit:
+    ``(grad * weight) * inv_scale`` to `x`. Saves the forward pass four tensors the size of `x`."""
+
+    @staticmethod
+    def forward(ctx, y, x, inv_scale, weight):
+        ctx.save_for_backward(inv_scale, weight)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv_scale, weight = ctx.saved_tensors
+        return None, grad * weight * inv_scale if ctx.needs_input_grad[1] else None, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # Hook builders, one per site. Each returns (hook name, hook function) pairs for a model.
 
@@ -187,15 +203,19 @@ def _norm_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
             inputs["x"] = x
             return x
 
-        def rewrite(y, hook, module=module, inputs=inputs):
+        # Constant for the duration of the rules (the hooks are built anew on every application).
+        weight = module.weight.detach()
+        if module.uses_weight_offset:
+            weight = 1.0 + weight
+
+        def rewrite(y, hook, inputs=inputs, rms=bool(module.uses_rms_norm), eps=_norm_eps(module, model), weight=weight):
             x = inputs.pop("x")
-            centred = x if module.uses_rms_norm else x - x.mean(-1, keepdim=True)
-            eps = _norm_eps(module, model)
+            centred = x if rms else x - x.mean(-1, keepdim=True)
             inv_scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
-            weight = module.weight.detach()
-            if module.uses_weight_offset:
-                weight = 1.0 + weight
-            return _keep_value(y, centred * inv_scale * weight.to(centred.dtype))
+            weight = weight.to(centred.dtype)
+            if rms:  # the path x * inv_scale * weight, fused (same gradient bit for bit, tested)
+                return _RmsNormRulePath.apply(y, x, inv_scale, weight)
+            return _keep_value(y, centred * inv_scale * weight)
 
         hooks += [(f"{prefix}.hook_in", capture), (f"{prefix}.hook_out", rewrite)]
     return hooks
@@ -288,11 +308,13 @@ def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
                 # act(g) is recomputed once, for its value (HF's is inside the product post = act(g) * u;
                 # without a gate, post is act(pre)); no autograd path is built for it.
                 activated = act(pre.detach()) if gated else post.detach()
-                value = pre.detach()
-                if value.numel() and value.abs().amin() > 0:  # no exact zero (nor NaN): one reduction
+                ratio = activated / pre.detach()
+                # An exact zero makes act(0)/0 NaN (or inf), and so the sum; a sum of bounded ratios
+                # (act(x)/x lies in [-0.2, 1.2] for GELU and SiLU) is finite otherwise. One reduction.
+                if bool(torch.isfinite(ratio.sum())):
                     # identity_rule (+ half_rule), fused: the same gradients bit for bit (tested).
                     scaled = share * activated if gated else None
-                    return _ConstantRatioGatePath.apply(post, pre, up, activated / value, scaled, share)
+                    return _ConstantRatioGatePath.apply(post, pre, up, ratio, scaled, share)
                 # Exact zeros: the Identity-rule keeps act's own derivative there (through its autograd path).
                 activation_path = identity_rule(pre, activated, (lambda: act(pre)) if gated else post)
             else:
@@ -424,8 +446,8 @@ def _ah_in_attention_function(model, names: HookNames | None = None) -> bool:
 def _attention_contexts(
     model, active: frozenset[str], names: HookNames | None = None
 ) -> list[Callable[[], contextlib.AbstractContextManager]]:
-    """The contexts a rule set needs besides its hooks: they change how the forward pass is computed
-    (the AH-rule's attention function), not the values it computes."""
+    """The contexts a rule set needs besides its hooks: they change how the forward pass is computed (the
+    AH-rule's attention function), which can change the last bits of its values (against SDPA, say)."""
     if "ah" in active and _ah_in_attention_function(model, names):
         return [lambda: _pattern_constant_in_attention(model)]
     return []

@@ -2,8 +2,8 @@
 
 * The rule hooks are built with at most one read of the bridge's ``hook_dict`` (a property that rebuilds
   the hook registry on every read), whatever the number of layers.
-* The MLP rewrite (Identity- and Half-rule) gives gradients ``torch.equal`` to the formula it replaced
-  (written out below), also where pre-activations are exactly zero.
+* The MLP rewrite (Identity- and Half-rule) and the LN-rule give gradients ``torch.equal`` to the
+  formulas they replaced (written out below), also where pre-activations are exactly zero.
 * Relevance patching takes its source run without the rules' hooks: its scores are ``torch.equal`` to
   those of the old protocol (both runs under the rules), and every activation of a run is bit for bit
   the same with and without the hooks (float32 and float64, GPT-2, Llama, BERT, the AH-rule's
@@ -26,6 +26,7 @@ from relp.rules import (
     _activation_fn,
     _gate_product,
     _keep_value,
+    _norm_eps,
     applied_rules,
     half_rule,
     lrp_rules,
@@ -44,9 +45,17 @@ _MODELS: dict = {}
 
 
 def _model(arch, dtype=torch.float32, n_layers=3):
+    """A tiny model whose norms have random weights and biases (Hugging Face initialises them to 1 and
+    0, which would hide a change in the order of the LN-rule's multiplications)."""
     key = (arch, dtype, n_layers)
     if key not in _MODELS:
-        _MODELS[key] = tiny_model(arch, dtype=dtype, n_layers=n_layers)
+        model = tiny_model(arch, dtype=dtype, n_layers=n_layers)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name.lower() or ".ln_" in name:
+                    parameter.add_(0.2 * torch.randn(parameter.shape, generator=g, dtype=parameter.dtype))
+        _MODELS[key] = model
     return _MODELS[key]
 
 
@@ -131,7 +140,34 @@ def test_relevance_patching_reads_hook_dict_a_fixed_number_of_times(monkeypatch)
 
 
 # ----------------------------------------------------------------------------------------------
-# The MLP rewrite against the formula it replaced
+# The MLP and norm rewrites against the formulas they replaced
+
+
+def _old_norm_hooks(model, active):
+    """relp.rules._norm_hooks before the fused RMSNorm path: the LN-rule's path through autograd."""
+    if "ln" not in active:
+        return []
+    hooks = []
+    for prefix in [n[: -len(".hook_normalized")] for n in model.hook_dict if n.endswith(".hook_normalized")]:
+        module = model.get_submodule(prefix)
+        inputs = {}
+
+        def capture(x, hook, inputs=inputs):
+            inputs["x"] = x
+            return x
+
+        def rewrite(y, hook, module=module, inputs=inputs):
+            x = inputs.pop("x")
+            centred = x if module.uses_rms_norm else x - x.mean(-1, keepdim=True)
+            eps = _norm_eps(module, model)
+            inv_scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
+            weight = module.weight.detach()
+            if module.uses_weight_offset:
+                weight = 1.0 + weight
+            return _keep_value(y, centred * inv_scale * weight.to(centred.dtype))
+
+        hooks += [(f"{prefix}.hook_in", capture), (f"{prefix}.hook_out", rewrite)]
+    return hooks
 
 
 def _old_identity_rule(pre, activated, plain):
@@ -244,7 +280,9 @@ def _restore(edits):
 @pytest.mark.parametrize("zero_units", [False, True], ids=["no-zeros", "exact-zeros"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mlp_rewrite_gives_the_old_gradients_bitwise(arch, dtype, zero_units):
+def test_rule_rewrites_give_the_old_gradients_bitwise(arch, dtype, zero_units):
+    """The MLP rewrite (act(g) once, fused Identity/Half path) and the LN-rule (fused on RMSNorm) give the
+    gradients of the formulas they replaced, torch.equal, at every residual stream and MLP hook point."""
     model = _model(arch, dtype)
     tokens, _, _ = _prompts(model)
     direction = torch.randn(*tokens.shape, model.cfg.d_vocab_out, generator=torch.Generator().manual_seed(3), dtype=dtype)
@@ -254,11 +292,15 @@ def test_mlp_rewrite_gives_the_old_gradients_bitwise(arch, dtype, zero_units):
         for rules in RULE_SETS:
             rule_set = resolve_rules(model, rules)
             active = frozenset(rule_set.active)
-            if not active & {"identity", "half"}:
+            if not active & {"identity", "half", "ln"}:
                 continue
+            names = model.hook_dict
             new_hooks = rule_hooks(model, rule_set)
-            old_hooks = [h for h in new_hooks if ".mlp.hook_" not in h[0]] + _old_mlp_hooks(model, active)
-            assert len(old_hooks) == len(new_hooks)
+            old_hooks = (
+                _old_norm_hooks(model, active) + _old_mlp_hooks(model, active)
+                + rules_module._attention_hooks(model, active, names)
+            )
+            assert [h[0] for h in old_hooks] == [h[0] for h in new_hooks]
             new = _gradients(model, tokens, rule_set, new_hooks, direction)
             old = _gradients(model, tokens, rule_set, old_hooks, direction)
             assert torch.isfinite(new["blocks.0.hook_resid_pre"]).all()
@@ -267,7 +309,7 @@ def test_mlp_rewrite_gives_the_old_gradients_bitwise(arch, dtype, zero_units):
                     f"{arch} {dtype} {rules} {name}: max |diff| {(new[name] - old[name]).abs().max().item():.3g}"
                 )
             compared += 1
-        assert compared >= 3
+        assert compared >= 4
     finally:
         _restore(edits)
 
