@@ -10,8 +10,8 @@ legends and colours all read this registry.
 key    function                label  colour   experiment options                      cost
 =====  ======================  =====  =======  ======================================  =====================
 ap     activation_patching     AP     black    batch_size, progress, logits_to_keep    1 forward per cell
-atp    attribution_patching    AtP    blue     (none)                                  2 forward + 1 backward
-relp   relevance_patching      RelP   red      rules                                   2 forward + 1 backward
+atp    attribution_patching    AtP    blue     logits_to_keep                          2 forward + 1 backward
+relp   relevance_patching      RelP   red      rules, logits_to_keep                   2 forward + 1 backward
 =====  ======================  =====  =======  ======================================  =====================
 
 Entries are declared where their function is defined, by decorating it (as zennit registers its

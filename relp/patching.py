@@ -47,7 +47,7 @@ from relp.interventions import (
 from relp.methods import Cost, register_method
 from relp.metrics import check_metric_value, metric_name
 from relp.results import PatchingResult
-from relp.rules import DEFAULT_PRESET, lrp_rules
+from relp.rules import DEFAULT_PRESET, RuleSet, applied_rules, check_rules_live, resolve_rules, rule_forward_contexts
 from relp.tokens import to_tokens
 
 Tokens = str | Sequence[str] | Int[torch.Tensor, "batch pos"]
@@ -244,12 +244,27 @@ def activation_patching(
 # Gradient-based: attribution patching and relevance patching
 
 
-def _gradient_scores(model, run: _Run, metric: Metric) -> tuple[dict[str, torch.Tensor], float]:
-    """(source - base) . dm/d(activation) at the base run, for every requested cell (2 forward, 1 backward)."""
+def _gradient_scores(
+    model, run: _Run, metric: Metric, *, rules: RuleSet | None = None, logits_to_keep: int | None = None
+) -> tuple[dict[str, torch.Tensor], float]:
+    """(source - base) . dm/d(activation) at the base run, for every requested cell (2 forward, 1 backward).
+
+    With `rules` (checked live by the caller) the gradient run follows them. The source run, whose
+    gradient is not needed, is taken without their hooks: they return their input's value bit for bit,
+    so its activations are those of a run under the rules (tests check this with ``torch.equal``); only
+    what changes how the forward pass is computed (the AH-rule's attention function) is kept. The source
+    run's logits are never read: only the last position's are computed. `logits_to_keep` is passed to the
+    gradient run's :func:`relp.interventions.model_output`.
+    """
     if any(c.offset_template for c in run.components):
         check_resid_mid(model, run.layers, run.base)
     names = _read_names(run)
-    source = cache_activations(model, run.source, names)
+    readout = getattr(metric, "readout", None)
+    ruled = rules is not None and bool(rules.active)
+    source: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), rule_forward_contexts(model, rules) if ruled else contextlib.nullcontext():
+        with model.hooks(fwd_hooks=capture_hooks(source, names, detach=True)):
+            model_output(model, run.source, metric, None if readout is not None else 1)
     captured: dict[str, torch.Tensor] = {}
 
     def make_root_differentiable(x, hook):
@@ -258,11 +273,16 @@ def _gradient_scores(model, run: _Run, metric: Metric) -> tuple[dict[str, torch.
 
     hooked = list(dict.fromkeys(c.hook_name(layer) for c, layer in _sites(run)))
     hooks = [("blocks.0.hook_resid_pre", make_root_differentiable), *capture_hooks(captured, names, detach=False)]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        value = check_metric_value(metric(model_output(model, run.base, metric)), metric, "the base run")
-        if not value.requires_grad:
-            raise ValueError(f"metric {metric_name(metric)} is not differentiable in the model's output (no gradient)")
-        grads = torch.autograd.grad(value, [captured[name] for name in hooked], allow_unused=True)
+    # The rules' hooks are registered first: a capture at the same hook point (the neuron component's
+    # hook_post, BERT's resid_mid at ln1.hook_out) must see the rule's output.
+    with torch.enable_grad(), applied_rules(model, rules) if ruled else contextlib.nullcontext():
+        with model.hooks(fwd_hooks=hooks):
+            value = check_metric_value(
+                metric(model_output(model, run.base, metric, logits_to_keep)), metric, "the base run"
+            )
+            if not value.requires_grad:
+                raise ValueError(f"metric {metric_name(metric)} is not differentiable in the model's output (no gradient)")
+            grads = torch.autograd.grad(value, [captured[name] for name in hooked], allow_unused=True)
     grad_of = dict(zip(hooked, grads))
     detached = {k: v.detach() for k, v in captured.items()}
     scores = {}
@@ -282,7 +302,8 @@ def _gradient_scores(model, run: _Run, metric: Metric) -> tuple[dict[str, torch.
 
 
 @register_method(
-    "atp", label="AtP", display_name="attribution patching", color="tab:blue", cost=Cost(forward=2, backward=1),
+    "atp", label="AtP", display_name="attribution patching", color="tab:blue", options=("logits_to_keep",),
+    cost=Cost(forward=2, backward=1),
 )
 def attribution_patching(
     model,
@@ -293,16 +314,22 @@ def attribution_patching(
     *,
     direction: str = "denoising",
     layers: Iterable[int] | None = None,
+    logits_to_keep: int | None = None,
 ) -> PatchingResult:
-    """Attribution patching (AtP): ``(source - base) . dm/dn`` at the base run, plain gradients."""
+    """Attribution patching (AtP): ``(source - base) . dm/dn`` at the base run, plain gradients.
+
+    With `logits_to_keep=k` the metric receives only the logits of the last k positions (``[batch, k,
+    vocab]``) and the unembedding is computed, and differentiated, only there (as in
+    :func:`activation_patching`); the scores are those of the full logits up to float rounding.
+    """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
-    scores, base_value = _gradient_scores(model, run, metric)
+    scores, base_value = _gradient_scores(model, run, metric, logits_to_keep=logits_to_keep)
     return _result(model, run, scores, "attribution_patching", metric, (), start, base_metric=base_value)
 
 
 @register_method(
-    "relp", label="RelP", display_name="relevance patching", color="tab:red", options=("rules",),
+    "relp", label="RelP", display_name="relevance patching", color="tab:red", options=("rules", "logits_to_keep"),
     cost=Cost(forward=2, backward=1),
 )
 def relevance_patching(
@@ -315,16 +342,21 @@ def relevance_patching(
     rules: str | Iterable[str] = DEFAULT_PRESET,
     direction: str = "denoising",
     layers: Iterable[int] | None = None,
+    logits_to_keep: int | None = None,
 ) -> PatchingResult:
     """Relevance patching (RelP): attribution patching whose backward pass follows LRP `rules`.
 
     `rules` is a preset name from ``relp.rules.PRESETS`` (default ``"relp"``: LN + Identity + Half) or
-    an iterable of rule names. Both runs are taken under the rules (they do not change forward values).
+    an iterable of rule names; they are checked live on the model first (once per model and rule). The
+    gradient run is taken under the rules; the source run without their hooks, which do not change
+    forward values (bit for bit), but with any rule that changes how attention is computed (the AH-rule's
+    attention function on BERT-style models). `logits_to_keep` as in :func:`attribution_patching`.
     """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
-    with lrp_rules(model, rules) as rule_set:
-        scores, base_value = _gradient_scores(model, run, metric)
+    rule_set = resolve_rules(model, rules)
+    check_rules_live(model, rule_set)
+    scores, base_value = _gradient_scores(model, run, metric, rules=rule_set, logits_to_keep=logits_to_keep)
     return _result(
         model, run, scores, "relevance_patching", metric, rule_set.active, start,
         base_metric=base_value, rules_not_applicable=rule_set.not_applicable,

@@ -37,12 +37,15 @@ import contextlib
 import contextvars
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 Hook = tuple[str, Callable]
+# The model's hook point names (aliases included), read once per call: on the bridge ``model.hook_dict``
+# is a property that rebuilds the registry with every alias on each read (~0.5 ms).
+HookNames = Collection[str]
 
 
 @dataclass(frozen=True)
@@ -142,16 +145,56 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+class _ConstantRatioGatePath(torch.autograd.Function):
+    """Fused Identity-rule (+ gate product): the value `post`, with the gradients that autograd computes for
+    ``_keep_value(post, _gate_product(ratio * pre, activated, up, share))`` (or, without `up`, for
+    ``_keep_value(post, ratio * pre)``), in the same operations, so bit for bit: to `pre`
+    ``((g * up) * share) * ratio`` (without `up`: ``g * ratio``), to `up` ``g * (share * activated)``.
+    It saves the forward pass the path's seven intermediate tensors, and the backward pass their nodes."""
+
+    @staticmethod
+    def forward(ctx, post, pre, up, ratio, scaled_activated, share):
+        ctx.share = share
+        ctx.save_for_backward(ratio, None if up is None else up.detach(), scaled_activated)
+        return post.view_as(post)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ratio, up, scaled_activated = ctx.saved_tensors
+        grad_pre = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_pre = grad * ratio if up is None else grad * up * ctx.share * ratio
+        if up is not None and ctx.needs_input_grad[2]:
+            grad_up = grad * scaled_activated
+        return None, grad_pre, grad_up, None, None, None
+
+
+class _RmsNormRulePath(torch.autograd.Function):
+    """Fused LN-rule on an RMSNorm: the value `y`, with the gradient autograd computes for
+    ``_keep_value(y, x * inv_scale * weight)`` in the same operations, so bit for bit:
+    ``(grad * weight) * inv_scale`` to `x`. Saves the forward pass four tensors the size of `x`."""
+
+    @staticmethod
+    def forward(ctx, y, x, inv_scale, weight):
+        ctx.save_for_backward(inv_scale, weight)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv_scale, weight = ctx.saved_tensors
+        return None, grad * weight * inv_scale if ctx.needs_input_grad[1] else None, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # Hook builders, one per site. Each returns (hook name, hook function) pairs for a model.
 
 
-def _norm_hooks(model, active: frozenset[str]) -> list[Hook]:
+def _norm_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
     """LN-rule: rebuild each norm's output with the scale detached (value kept exactly)."""
     if "ln" not in active:
         return []
     hooks: list[Hook] = []
-    prefixes = [n[: -len(".hook_normalized")] for n in model.hook_dict if n.endswith(".hook_normalized")]
+    prefixes = [n[: -len(".hook_normalized")] for n in names if n.endswith(".hook_normalized")]
     for prefix in prefixes:
         module = model.get_submodule(prefix)
         inputs: dict[str, torch.Tensor] = {}
@@ -160,15 +203,19 @@ def _norm_hooks(model, active: frozenset[str]) -> list[Hook]:
             inputs["x"] = x
             return x
 
-        def rewrite(y, hook, module=module, inputs=inputs):
+        # Constant for the duration of the rules (the hooks are built anew on every application).
+        weight = module.weight.detach()
+        if module.uses_weight_offset:
+            weight = 1.0 + weight
+
+        def rewrite(y, hook, inputs=inputs, rms=bool(module.uses_rms_norm), eps=_norm_eps(module, model), weight=weight):
             x = inputs.pop("x")
-            centred = x if module.uses_rms_norm else x - x.mean(-1, keepdim=True)
-            eps = _norm_eps(module, model)
+            centred = x if rms else x - x.mean(-1, keepdim=True)
             inv_scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
-            weight = module.weight.detach()
-            if module.uses_weight_offset:
-                weight = 1.0 + weight
-            return _keep_value(y, centred * inv_scale * weight.to(centred.dtype))
+            weight = weight.to(centred.dtype)
+            if rms:  # the path x * inv_scale * weight, fused (same gradient bit for bit, tested)
+                return _RmsNormRulePath.apply(y, x, inv_scale, weight)
+            return _keep_value(y, centred * inv_scale * weight)
 
         hooks += [(f"{prefix}.hook_in", capture), (f"{prefix}.hook_out", rewrite)]
     return hooks
@@ -195,18 +242,26 @@ def _activation_fn(model, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return resolve_activation_fn(mlp.config)
 
 
-def identity_rule(pre: torch.Tensor, activated: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+def identity_rule(
+    pre: torch.Tensor, activated: torch.Tensor, plain: torch.Tensor | Callable[[], torch.Tensor]
+) -> torch.Tensor:
     """Identity-rule: the gradient path of the MLP activation act(x), with d act(x)/dx replaced by act(x)/x.
 
     `pre` is the activation's input x, `activated` its value act(x) (only its value is used) and
-    `plain` act(x) with its ordinary autograd path. The path is ``act(x)/x * x`` with the ratio a
-    constant; where x is exactly 0 the ratio is undefined and `plain` is kept (its derivative act'(0)
-    is the limit of act(x)/x for GELU and SiLU), so the gradient is never NaN.
+    `plain` act(x) with its ordinary autograd path (or a function that computes it). The path is
+    ``act(x)/x * x`` with the ratio a constant; where x is exactly 0 the ratio is undefined and `plain`
+    is kept (its derivative act'(0) is the limit of act(x)/x for GELU and SiLU), so the gradient is never
+    NaN. Without an exact zero (the usual case) `plain` is not used, and not computed if it is a function.
     """
-    zero = pre == 0
-    ratio = activated.detach() / torch.where(zero, torch.ones_like(pre), pre).detach()
+    value = pre.detach()
+    if value.numel() and value.abs().amin() > 0:  # no exact zero (nor NaN): one reduction, no bool tensor
+        # The same gradient, bit for bit, as the branch below: there ``where`` passes the whole gradient
+        # to ``ratio * pre`` and an exact zero to `plain`, which adds nothing.
+        return activated.detach() / value * pre
+    zero = value == 0
+    ratio = activated.detach() / torch.where(zero, torch.ones_like(value), value)
     # At an exact zero, act(x)/x is undefined: keep the local derivative there.
-    return torch.where(zero, plain, ratio * pre)
+    return torch.where(zero, plain() if callable(plain) else plain, ratio * pre)
 
 
 def _gate_product(activation_path: torch.Tensor, activated: torch.Tensor, up: torch.Tensor, share: float) -> torch.Tensor:
@@ -225,7 +280,7 @@ def half_rule(activation_path: torch.Tensor, activated: torch.Tensor, up: torch.
     return _gate_product(activation_path, activated, up, 0.5)
 
 
-def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
+def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
     """Identity- and Half-rule: rebuild the MLP hidden units (hook_post) from the captured inputs,
     composing :func:`identity_rule` (the activation) and :func:`half_rule` (the gate product)."""
     identity, half = "identity" in active, "half" in active
@@ -247,23 +302,26 @@ def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
 
         def rewrite(post, hook, captured=captured, act=act):
             pre = captured.pop("pre")
-            if gated:
-                up = captured.pop("up")
-                activated = act(pre)  # recomputed only for the gradient path; the value is HF's
-            else:
-                up, activated = None, post
+            up = captured.pop("up") if gated else None
+            share = 0.5 if half else 1.0
             if identity:
-                plain = act(pre) if gated else post
-                activation_path = identity_rule(pre, activated, plain)
+                # act(g) is recomputed once, for its value (HF's is inside the product post = act(g) * u;
+                # without a gate, post is act(pre)); no autograd path is built for it.
+                activated = act(pre.detach()) if gated else post.detach()
+                ratio = activated / pre.detach()
+                # An exact zero makes act(0)/0 NaN (or inf), and so the sum; a sum of bounded ratios
+                # (act(x)/x lies in [-0.2, 1.2] for GELU and SiLU) is finite otherwise. One reduction.
+                if bool(torch.isfinite(ratio.sum())):
+                    # identity_rule (+ half_rule), fused: the same gradients bit for bit (tested).
+                    scaled = share * activated if gated else None
+                    return _ConstantRatioGatePath.apply(post, pre, up, ratio, scaled, share)
+                # Exact zeros: the Identity-rule keeps act's own derivative there (through its autograd path).
+                activation_path = identity_rule(pre, activated, (lambda: act(pre)) if gated else post)
             else:
-                activation_path = activated
+                activation_path = activated = act(pre) if gated else post
             if not gated:
                 return _keep_value(post, activation_path)
-            if half:
-                path = half_rule(activation_path, activated, up)
-            else:
-                path = _gate_product(activation_path, activated, up, 1.0)
-            return _keep_value(post, path)
+            return _keep_value(post, _gate_product(activation_path, activated, up, share))
 
         hooks.append((f"{prefix}.hook_pre", capture("pre")))
         if gated:
@@ -272,10 +330,10 @@ def _mlp_hooks(model, active: frozenset[str]) -> list[Hook]:
     return hooks
 
 
-def _attention_hooks(model, active: frozenset[str]) -> list[Hook]:
+def _attention_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
     """AH-rule (pattern constant) or AttnLRP (q, k gradients x1/4, v x1/2)."""
     hooks: list[Hook] = []
-    pattern_hook = "ah" in active and not _ah_in_attention_function(model)
+    pattern_hook = "ah" in active and not _ah_in_attention_function(model, names)
     for layer in range(model.cfg.n_layers):
         prefix = f"blocks.{layer}.attn"
         if pattern_hook:
@@ -377,15 +435,20 @@ def pattern_hook_is_live(model) -> bool:
     return _PATTERN_LIVE_CACHE[model]
 
 
-def _ah_in_attention_function(model) -> bool:
+def _ah_in_attention_function(model, names: HookNames | None = None) -> bool:
     """Where the AH-rule acts: True through the attention function (the pattern hook exists but is
     ignored), False through ``hook_pattern`` (a model without that hook point at all gets the hook, and
-    rule_hooks reports it as missing)."""
-    return "blocks.0.attn.hook_pattern" in model.hook_dict and not pattern_hook_is_live(model)
+    rule_hooks reports it as missing). `names`: the model's hook names, if already read."""
+    names = model.hook_dict if names is None else names
+    return "blocks.0.attn.hook_pattern" in names and not pattern_hook_is_live(model)
 
 
-def _attention_contexts(model, active: frozenset[str]) -> list[Callable[[], contextlib.AbstractContextManager]]:
-    if "ah" in active and _ah_in_attention_function(model):
+def _attention_contexts(
+    model, active: frozenset[str], names: HookNames | None = None
+) -> list[Callable[[], contextlib.AbstractContextManager]]:
+    """The contexts a rule set needs besides its hooks: they change how the forward pass is computed (the
+    AH-rule's attention function), which can change the last bits of its values (against SDPA, say)."""
+    if "ah" in active and _ah_in_attention_function(model, names):
         return [lambda: _pattern_constant_in_attention(model)]
     return []
 
@@ -393,14 +456,16 @@ def _attention_contexts(model, active: frozenset[str]) -> list[Callable[[], cont
 SITE_BUILDERS = {"norm": _norm_hooks, "mlp": _mlp_hooks, "attention": _attention_hooks}
 
 
-def rule_hooks(model, rules: RuleSet | Iterable[str]) -> list[Hook]:
+def rule_hooks(model, rules: RuleSet | Iterable[str], *, names: HookNames | None = None) -> list[Hook]:
     """All (hook name, function) pairs that implement the given rules on this model.
 
-    Some rules also need a context (see :func:`applied_rules`); this lists only the hooks.
+    Some rules also need a context (see :func:`applied_rules`); this lists only the hooks. `names`: the
+    model's hook names if the caller has read them (``model.hook_dict`` is read at most once here).
     """
     active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
-    hooks = [hook for builder in SITE_BUILDERS.values() for hook in builder(model, active)]
-    missing = sorted({name for name, _ in hooks if name not in model.hook_dict})
+    names = model.hook_dict if names is None else names
+    hooks = [hook for builder in SITE_BUILDERS.values() for hook in builder(model, active, names)]
+    missing = sorted({name for name, _ in hooks if name not in names})
     if missing:
         raise RuleNotLiveError(f"rules {sorted(active)} need hook points this model lacks: {missing[:5]}")
     return hooks
@@ -411,10 +476,27 @@ def applied_rules(model, rules: RuleSet | Iterable[str], *, hooks: list[Hook] | 
     """Apply rules for the duration of a ``with`` block, without the liveness check: their hooks
     (or the given subset of them) and, where the architecture needs it, the attention fallback."""
     active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
+    names = model.hook_dict if hooks is None or "ah" in active else ()  # read once, for both uses below
+    with contextlib.ExitStack() as stack:
+        for context in _attention_contexts(model, active, names):
+            stack.enter_context(context())
+        stack.enter_context(model.hooks(fwd_hooks=rule_hooks(model, active, names=names) if hooks is None else hooks))
+        yield
+
+
+@contextlib.contextmanager
+def rule_forward_contexts(model, rules: RuleSet | Iterable[str]) -> Iterator[None]:
+    """Only the parts of a rule set that change how the forward pass is computed, without its hooks.
+
+    The hooks return their input's value bit for bit, so a run whose gradient is not needed (the source
+    run of relevance patching) can leave them out. What stays is the AH-rule's attention function on
+    architectures that need it (BERT-style): it replaces the attention kernel, which need not give the
+    same bits as the model's own implementation (e.g. SDPA), so both runs must use it.
+    """
+    active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
     with contextlib.ExitStack() as stack:
         for context in _attention_contexts(model, active):
             stack.enter_context(context())
-        stack.enter_context(model.hooks(fwd_hooks=rule_hooks(model, active) if hooks is None else hooks))
         yield
 
 
@@ -468,15 +550,16 @@ def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
     tokens, direction = _probe_tokens(model)
     logits0, grad0 = _probe(model, [], [], tokens, direction)
     grad0 = grad0[:, 1:]
+    names = model.hook_dict
     for rule in todo:
-        hooks = rule_hooks(model, [rule])
+        hooks = rule_hooks(model, [rule], names=names)
         # Attention rules act through several hook points (q, k, v); each must be live on its own,
         # since an architecture may honour edits of v but ignore those of q and k.
         parts: dict[str, list[Hook]] = {}
         for hook in hooks:
             part = hook[0].rsplit(".", 1)[-1] if RULES[rule].site == "attention" else "all"
             parts.setdefault(part, []).append(hook)
-        if _attention_contexts(model, frozenset([rule])):
+        if _attention_contexts(model, frozenset([rule]), names):
             parts.setdefault("attention function", [])  # the fallback acts without hooks
         for part, part_hooks in parts.items():
             logits, grad = _probe(model, [rule], part_hooks, tokens, direction)

@@ -150,7 +150,11 @@ def test_a_new_method_is_one_function_plus_one_entry(registry, tmp_path):
     from relp.experiments.ioi import build_parser, run
     from relp.tasks import ioi_words
 
-    @register_method("neg", label="-AtP", display_name="negated AtP", color="tab:green", cost=Cost(2, 1))
+    # AtP's options too (logits_to_keep), so that it runs exactly as AtP does in the experiment
+    @register_method(
+        "neg", label="-AtP", display_name="negated AtP", color="tab:green", cost=Cost(2, 1),
+        options=get_method("atp").options,
+    )
     def negated_attribution_patching(model, clean, corrupted, metric, components, **kwargs):
         result = relp.attribution_patching(model, clean, corrupted, metric, components, **kwargs)
         return dataclasses.replace(
