@@ -227,6 +227,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="repeats for the warm medians")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling section")
     parser.add_argument("--no-transformer-lens", action="store_true", help="skip the comparison with transformer_lens.patching")
+    parser.add_argument("--ap-lengths", type=int, nargs="+", default=[16, 64],
+                        help="prompt lengths of the comparison with transformer_lens.patching (default: 16 64; --quick: 16)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -249,7 +251,7 @@ def main(argv=None) -> dict:
         report["ap_speedup_vs_transformer_lens"] = None
     else:
         comparisons = {}
-        for length in ([16] if args.quick else [16, 64]):
+        for length in ([16] if args.quick else args.ap_lengths):
             clean, corrupted, metric = (
                 _random_prompts(model, args.n_prompts, length) if args.quick or length != 16
                 else _ioi_batch(model, args.n_prompts, length)

@@ -25,13 +25,16 @@ def load_scores(out: Path, n_batches: int) -> dict[str, list]:
     return {m: [relp.PatchingResult.load(out / "scores" / f"{m}_batch{i}.pt") for i in range(n_batches)] for m in METHODS}
 
 
-def check_saved_scores_are_direct_calls(model, batches, metrics, saved, components, *, ap_options=None) -> None:
+def check_saved_scores_are_direct_calls(model, batches, metrics, saved, components, *, logits_to_keep=None) -> None:
     """Each saved score map is exactly (bit for bit: same inputs, same options, deterministic CPU
     arithmetic) what the public function returns for that batch and metric. A difference, even a
-    rounding-sized one, means the experiment scored something else than batch i under that metric."""
+    rounding-sized one, means the experiment scored something else than batch i under that metric.
+    `logits_to_keep` is what the experiment passes every method (IOI's metric reads the last token)."""
     for i, (batch, metric) in enumerate(zip(batches, metrics)):
         for method, function in METHODS.items():
-            kwargs = {"progress": False, **(ap_options or {})} if method == "ap" else {}
+            kwargs = {"progress": False} if method == "ap" else {}
+            if logits_to_keep is not None:
+                kwargs["logits_to_keep"] = logits_to_keep
             direct = function(model, batch.clean_tokens, batch.corrupted_tokens, metric, components, **kwargs)
             result = saved[method][i]
             assert result.components == tuple(components), (method, i, result.components)

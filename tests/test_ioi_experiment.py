@@ -94,7 +94,7 @@ def test_ioi_script_numbers_equal_a_direct_recomputation(ioi_run):
 
     # every method's saved scores are the public function on that batch with that metric (AP with the
     # experiment's documented shortcut: only the last position's logits, which is all the metric reads)
-    check_saved_scores_are_direct_calls(model, batches, metrics, saved, COMPONENTS, ap_options={"logits_to_keep": 1})
+    check_saved_scores_are_direct_calls(model, batches, metrics, saved, COMPONENTS, logits_to_keep=1)
     check_agreement(results["agreement"], saved, COMPONENTS)
     assert summary["agreement"] == results["agreement"]
     check_positions_csv(out / "positions.csv", saved, batches, COMPONENTS)
