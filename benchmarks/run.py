@@ -204,7 +204,7 @@ def _random_gpt2(size: str, device):
 
 
 def scaling(models: dict, lengths, n_prompts: int, device, *, with_ap: bool) -> list[dict]:
-    """Seconds per method for each model and sequence length (AP only where `with_ap`)."""
+    """Seconds per method for each model and sequence length (AP only where `with_ap`, up to 64 tokens)."""
     rows = []
     for name, model in models.items():
         for length in lengths:
@@ -213,7 +213,7 @@ def scaling(models: dict, lengths, n_prompts: int, device, *, with_ap: bool) -> 
             row["forward_s"] = _timed(lambda: model(corrupted), device)[1]
             row["atp_s"] = _timed(lambda: relp.attribution_patching(model, clean, corrupted, metric, GRID), device)[1]
             row["relp_s"] = _timed(lambda: relp.relevance_patching(model, clean, corrupted, metric, GRID), device)[1]
-            if with_ap:
+            if with_ap and length <= 64:  # longer: minutes per model even on a GPU
                 row["ap_s"] = _timed(lambda: relp.activation_patching(
                     model, clean, corrupted, metric, GRID, progress=False, logits_to_keep=1), device)[1]
             rows.append(row)
@@ -229,6 +229,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="repeats for the warm medians")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling section")
     parser.add_argument("--no-transformer-lens", action="store_true", help="skip the comparison with transformer_lens.patching")
+    parser.add_argument("--random-model", choices=sorted(GPT2_SIZES), default=None,
+                        help="a random-weight GPT-2 of this size instead of the embedded model (random prompts)")
     parser.add_argument("--ap-lengths", type=int, nargs="+", default=[16, 64],
                         help="prompt lengths of the comparison with transformer_lens.patching (default: 16 64; --quick: 16)")
     args = parser.parse_args(argv)
@@ -243,6 +245,9 @@ def main(argv=None) -> dict:
         model = tiny_model("llama", words=ioi_words(), n_layers=4, d_model=64)
         model.to(device)
         lengths, sizes = [16, 64], []
+    elif args.random_model:
+        model = _random_gpt2(args.random_model, device)
+        lengths, sizes = [16, 64, 256], [s for s in GPT2_SIZES if s != args.random_model]
     else:
         model = relp.load_model(device=device)
         lengths, sizes = [16, 64, 256], list(GPT2_SIZES)
@@ -254,9 +259,9 @@ def main(argv=None) -> dict:
     else:
         comparisons = {}
         for length in ([16] if args.quick else args.ap_lengths):
+            random_prompts = args.quick or args.random_model or length != 16
             clean, corrupted, metric = (
-                _random_prompts(model, args.n_prompts, length) if args.quick or length != 16
-                else _ioi_batch(model, args.n_prompts, length)
+                _random_prompts(model, args.n_prompts, length) if random_prompts else _ioi_batch(model, args.n_prompts, length)
             )
             row = ap_versus_transformer_lens(model, clean, corrupted, metric, device)
             comparisons[str(length)] = row
@@ -265,7 +270,8 @@ def main(argv=None) -> dict:
         report["ap_speedup_vs_transformer_lens"] = comparisons
 
     print(f"== gradient methods vs a forward pass ({name}, {args.n_prompts} prompts)", flush=True)
-    clean, corrupted, metric = _ioi_batch(model, args.n_prompts, 16) if not args.quick else _random_prompts(model, args.n_prompts, 16)
+    random_prompts = args.quick or args.random_model
+    clean, corrupted, metric = _random_prompts(model, args.n_prompts, 16) if random_prompts else _ioi_batch(model, args.n_prompts, 16)
     overhead = gradient_overhead(model, clean, corrupted, metric, device, args.repeats)
     print("  " + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items() if isinstance(v, float)), flush=True)
     report.update({k: overhead[k] for k in ("relp_over_atp", "relp_over_forward", "atp_over_forward")})
@@ -280,7 +286,8 @@ def main(argv=None) -> dict:
         models = {name: model}
         for size in sizes:
             models[size] = _random_gpt2(size, device)
-        report["scaling"] = scaling(models, lengths, args.n_prompts if args.quick else 4, device, with_ap=args.quick)
+        report["scaling"] = scaling(models, lengths, args.n_prompts if args.quick else 4, device,
+                                    with_ap=args.quick or device.type == "cuda")
     print(json.dumps(report))
     return report
 
