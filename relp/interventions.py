@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -339,6 +340,11 @@ class PrefixReuse:
         self.usable = getattr(model.cfg, "attention_dir", "causal") == "causal" and bool(list(getattr(model, "blocks", [])))
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.logits: torch.Tensor | None = None  # the base run's output, for the positions before p
+        # transformers renamed the forward's cache argument (past_key_values -> cache, with a deprecation
+        # warning for the old name): use the one this model's forward takes
+        hf_model = getattr(model, "original_model", None)
+        parameters = inspect.signature(hf_model.forward).parameters if hf_model is not None else {}
+        self._keyword = "cache" if "cache" in parameters else "past_key_values"
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict]:
@@ -350,7 +356,7 @@ class PrefixReuse:
 
         cache = DynamicCache()
         with _cache_reaches_attention(self.model):
-            yield {"cache": cache, "use_cache": True}
+            yield {self._keyword: cache, "use_cache": True}
         kinds = {type(layer).__name__ for layer in cache.layers}
         if cache.get_seq_length() != self.length or len(cache.layers) != len(self.model.blocks) or kinds != {"DynamicLayer"}:
             logger.info("prefix reuse is off for %s: its key/value cache did not fill (%s layers, %s positions, %s)",
@@ -372,7 +378,7 @@ class PrefixReuse:
         from transformers import DynamicCache
 
         prefix = [(k[:, :, :start].repeat(copies, 1, 1, 1), v[:, :, :start].repeat(copies, 1, 1, 1)) for k, v in self.layers]
-        return {"cache": DynamicCache(ddp_cache_data=prefix), "use_cache": True}
+        return {self._keyword: DynamicCache(ddp_cache_data=prefix), "use_cache": True}
 
 
 # ----------------------------------------------------------------------------------------------
