@@ -268,10 +268,12 @@ class BlockReplay:
 
     def _expand(self, output, copies: int, start: int):
         if isinstance(output, torch.Tensor):
-            if start:  # [batch, pos, ...]: only the positions the run computes
+            if start:  # the hidden state [batch, pos, ...]: only the positions the run computes
                 output = output[:, start:]
             return output.repeat(copies, *([1] * (output.ndim - 1)))
-        return tuple(None if o is None else self._expand(o, copies, start) for o in output)
+        # a tuple: the hidden state first, then extras (e.g. attention weights) whose axis 1 is not positions
+        first, *rest = output
+        return (self._expand(first, copies, start), *(None if o is None else self._expand(o, copies, 0) for o in rest))
 
     @contextlib.contextmanager
     def skipping(self, layer: int, copies: int, start: int = 0):
