@@ -55,6 +55,13 @@ def require_reference(methods, experiment: str) -> None:
         )
 
 
+def require_end_last(batch) -> None:
+    """IOI's metric reads the last token, so the experiments keep only its logits (logits_to_keep=1):
+    refuse a batch whose END position is not the last one."""
+    if not all(position == batch.length - 1 for position in batch.positions["END"].tolist()):
+        raise ValueError("IOI prompts must end at the END position: the metric reads the last token")
+
+
 def score_batches(model, jobs, methods, components, settings: dict) -> dict[str, list]:
     """{method key: [PatchingResult per batch]}: every method of `methods` on every job.
 

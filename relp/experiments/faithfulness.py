@@ -34,7 +34,7 @@ import torch
 
 import relp
 from relp.circuits import empty_circuit, select_circuit
-from relp.experiments.common import CORRUPTIONS, add_model_and_method_arguments, score_batches, versions
+from relp.experiments.common import CORRUPTIONS, add_model_and_method_arguments, require_end_last, score_batches, versions
 from relp.faithfulness import CircuitEvaluator, PooledEvaluator, cpr_cmd, random_baseline
 from relp.methods import method_label
 from relp.metrics import LogitDiff
@@ -105,9 +105,8 @@ def run(args: argparse.Namespace, model=None) -> dict:
     )
 
     # --- scoring ---
-    for batch in scoring_batches:  # the metric reads the last token: activation patching computes only its logits
-        if not all(p == batch.length - 1 for p in batch.positions["END"].tolist()):
-            raise ValueError("IOI prompts must end at the END position: the metric reads the last token")
+    for batch in scoring_batches:
+        require_end_last(batch)
     jobs = [
         (batch, LogitDiff(batch.answer_tokens, batch.wrong_tokens), f"scoring batch {i + 1}/{len(scoring_batches)}")
         for i, batch in enumerate(scoring_batches)

@@ -27,6 +27,7 @@ from relp.experiments.common import (
     agreement_markdown,
     finish,
     position_tables,
+    require_end_last,
     require_reference,
     score_batches,
 )
@@ -107,8 +108,7 @@ def ioi_metric(model, batch) -> tuple[NormalizedLogitDiff, torch.Tensor, torch.T
     with torch.no_grad():
         clean_ld = raw.per_prompt(model(batch.clean_tokens))
         corrupted_ld = raw.per_prompt(model(batch.corrupted_tokens))
-    if not all(position == batch.length - 1 for position in batch.positions["END"].tolist()):
-        raise ValueError("IOI prompts must end at the END position: the metric reads the last token")
+    require_end_last(batch)
     metric = NormalizedLogitDiff(batch.answer_tokens, batch.wrong_tokens, clean_ld.mean().item(), corrupted_ld.mean().item())
     return metric, clean_ld, corrupted_ld
 
