@@ -420,3 +420,49 @@ def rows_per_pass(model, n_positions: int, logits_positions: int | None = None) 
     budget = MEMORY_FRACTION * free_memory(model.cfg.device)
     return int(max(1, min(MAX_ROWS, budget // row_bytes(model, n_positions, logits_positions))))
 
+
+#: Fixed cost of one pass per block it computes, in row-positions of compute (the cost of computing
+#: one position of one row through a block): Python, hook and kernel-launch overhead. Measured on the
+#: embedded SmolLM2 on one CPU thread: a pass's overhead is about 5.6 ms per block, a row-position
+#: 0.15 ms, so about 40; 64 on CPUs (more threads make compute cheaper, not the overhead). On a GPU a
+#: small model's pass costs its kernel launches at any size relp makes: passes are never split there.
+PASS_OVERHEAD_ROWS = {"cpu": 64.0, "cuda": float(1 << 20)}
+
+
+def plan_passes(
+    starts: Sequence[int], rows_per_copy: int, max_copies: int, positions_from: Callable[[int], int], overhead: float
+) -> list[tuple[int, int]]:
+    """Split copies into passes: ``[(begin, end), ...]`` slices of the copies, whose first patched
+    positions `starts` are sorted.
+
+    A pass costs `overhead` plus its rows times the positions it computes, ``positions_from(p)`` for
+    its first copy's position p (all positions without prefix reuse, those from p on with it). One
+    pass for all copies wastes the positions between p and each later copy's own first position;
+    one pass per position pays the overhead many times. The cheapest split (passes cut only where the
+    position changes, each at most `max_copies` copies) is found by dynamic programming over the
+    distinct positions.
+    """
+    if list(starts) != sorted(starts):
+        raise ValueError("plan_passes needs the copies sorted by their first position")
+    n = len(starts)
+    bounds = [i for i in range(n) if i == 0 or starts[i] != starts[i - 1]] + [n]
+
+    def chunks(begin: int, end: int) -> list[tuple[int, int]]:
+        return [(i, min(i + max_copies, end)) for i in range(begin, end, max_copies)]
+
+    def cost(begin: int, end: int) -> float:
+        return sum(overhead + (b - a) * rows_per_copy * positions_from(starts[a]) for a, b in chunks(begin, end))
+
+    best = [0.0] + [float("inf")] * (len(bounds) - 1)  # best[j]: cheapest plan of copies before bounds[j]
+    cut = [0] * len(bounds)
+    for j in range(1, len(bounds)):
+        for i in range(j):
+            c = best[i] + cost(bounds[i], bounds[j])
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    plan, j = [], len(bounds) - 1
+    while j > 0:
+        plan = chunks(bounds[cut[j]], bounds[j]) + plan
+        j = cut[j]
+    return plan
+

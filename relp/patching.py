@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from relp.components import BLOCK_COMPONENTS, Component, resolve_components, resolve_layers
 from relp.interventions import (
+    PASS_OVERHEAD_ROWS,
     BlockReplay,
     PrefixReuse,
     Replacement,
@@ -41,6 +42,7 @@ from relp.interventions import (
     check_resid_mid,
     hook_names,
     model_output,
+    plan_passes,
     rows_per_pass,
     run_stacked,
 )
@@ -199,37 +201,53 @@ def activation_patching(
     if batch_size is None:
         batch_size = rows_per_pass(model, n_positions, logits_to_keep)
     copies_per_pass = max(1, batch_size // n_prompts)
+    # passes split where that saves more compute than a pass's overhead costs (prefix reuse)
+    overhead = PASS_OVERHEAD_ROWS.get(torch.device(model.cfg.device).type, PASS_OVERHEAD_ROWS["cpu"])
+
+    def positions_from(position: int) -> int:
+        return n_positions - (prefix.usable_start(position, logits_to_keep) if prefix is not None else 0)
 
     # Cells whose activation is identical in both runs (e.g. positions before the first changed token)
-    # score exactly 0 and need no forward pass.
+    # score exactly 0 and need no forward pass. The other cells of one layer share passes whatever
+    # their component (a pass's cost is decided by its first layer and first position, not by what is
+    # patched), ordered by position, so that a pass's cells share a late first position (prefix reuse).
     scores = {c.name: {} for c in run.components}
+    targets = {}
     jobs = []
     skipped = 0
-    for component, layer in _sites(run):
-        target = activation(component, layer, source)
-        shape = component.cell_shape(target)
-        scores[component.name][layer] = torch.zeros(shape, dtype=_score_dtype(model))
-        changed = component.cell_scores((target != activation(component, layer, base)).to(torch.int32))
-        cells = [cell for cell in itertools.product(*map(range, shape)) if changed[cell] > 0]
-        skipped += changed.numel() - len(cells)
-        # ordered by position, so that a pass's cells share a late first position (prefix reuse)
-        at = component.cell_axes.index("position")
-        cells.sort(key=lambda cell: cell[at])
-        for i in range(0, len(cells), copies_per_pass):
-            chunk = cells[i : i + copies_per_pass]
-            jobs.append((component, layer, target, chunk, chunk[0][at]))
+    for layer in run.layers:
+        cells_of_layer = []
+        for component in run.components:
+            target = activation(component, layer, source)
+            targets[component.name, layer] = target
+            shape = component.cell_shape(target)
+            scores[component.name][layer] = torch.zeros(shape, dtype=_score_dtype(model))
+            changed = component.cell_scores((target != activation(component, layer, base)).to(torch.int32))
+            cells = [cell for cell in itertools.product(*map(range, shape)) if changed[cell] > 0]
+            skipped += changed.numel() - len(cells)
+            at = component.cell_axes.index("position")
+            cells_of_layer += [(cell[at], component, cell) for cell in cells]
+        cells_of_layer.sort(key=lambda entry: entry[0])
+        starts = [position for position, _, _ in cells_of_layer]
+        for begin, end in plan_passes(starts, n_prompts, copies_per_pass, positions_from, overhead):
+            chunk = cells_of_layer[begin:end]
+            jobs.append((layer, [(component, cell) for _, component, cell in chunk], chunk[0][0]))
 
-    for component, layer, target, cells, first_position in tqdm(jobs, desc="activation patching", disable=not progress, unit="pass"):
-        patched = torch.zeros((len(cells), *scores[component.name][layer].shape), dtype=torch.bool)
-        for i, cell in enumerate(cells):
-            patched[(i, *cell)] = True
-        replacement = Replacement(component, layer, keep=~component.activation_mask(patched), value=target)
-        name = component.hook_name(layer)
+    for layer, cells, first_position in tqdm(jobs, desc="activation patching", disable=not progress, unit="pass"):
+        replacements = []
+        for component in {component.name: component for component, _ in cells}.values():
+            patched = torch.zeros((len(cells), *scores[component.name][layer].shape), dtype=torch.bool)
+            for i, (other, cell) in enumerate(cells):
+                if other.name == component.name:
+                    patched[(i, *cell)] = True
+            target = targets[component.name, layer]
+            replacements.append(Replacement(component, layer, keep=~component.activation_mask(patched), value=target))
         values = run_stacked(
-            model, run.base, len(cells), [replacement], metric, labels=[f"{name} cell {cell}" for cell in cells],
+            model, run.base, len(cells), replacements, metric,
+            labels=[f"{component.hook_name(layer)} cell {cell}" for component, cell in cells],
             logits_to_keep=logits_to_keep, replay=replay, prefix=prefix, start=first_position,
         )
-        for cell, value in zip(cells, values):
+        for (component, cell), value in zip(cells, values):
             scores[component.name][layer][cell] = (value - base_value).item()
 
     stacked_scores = {c: torch.stack([by_layer[layer] for layer in run.layers]) for c, by_layer in scores.items()}

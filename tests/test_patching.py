@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
@@ -443,3 +445,72 @@ def test_rows_per_pass_follow_the_free_memory(monkeypatch):
     torch.testing.assert_close(small["resid_pre"], large["resid_pre"], rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         relp.activation_patching(model, clean, corrupted, metric, ["resid_pre"], progress=False, batch_size=0)
+
+
+def _brute_force_plan_cost(starts, rows_per_copy, max_copies, positions_from, overhead):
+    """The cheapest cost over every way to cut the copies where the position changes (each group then
+    cut into passes of at most `max_copies`), by enumerating all subsets of cut points."""
+    bounds = [i for i in range(1, len(starts)) if starts[i] != starts[i - 1]]
+    best = float("inf")
+    for chosen in itertools.product([False, True], repeat=len(bounds)):
+        edges = [0] + [b for b, c in zip(bounds, chosen) if c] + [len(starts)]
+        cost = 0.0
+        for begin, end in zip(edges, edges[1:]):
+            for a in range(begin, end, max_copies):
+                b = min(a + max_copies, end)
+                cost += overhead + (b - a) * rows_per_copy * positions_from(starts[a])
+        best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pass_plan_is_the_cheapest_split(seed):
+    """plan_passes against enumeration of every split: same cost; its passes cover every copy once, in
+    order, each within the copy limit and never cutting inside one position's copies unless full."""
+    from relp.interventions import plan_passes
+
+    g = torch.Generator().manual_seed(seed)
+    length = 12
+    starts = sorted(torch.randint(0, length, (int(torch.randint(1, 14, (), generator=g)),), generator=g).tolist())
+    rows, max_copies = int(torch.randint(1, 5, (), generator=g)), int(torch.randint(1, 8, (), generator=g))
+    overhead = float(torch.randint(0, 60, (), generator=g))
+    positions_from = lambda p: length - p  # noqa: E731  (prefix reuse: positions p.. are computed)
+    plan = plan_passes(starts, rows, max_copies, positions_from, overhead)
+    assert [i for a, b in plan for i in range(a, b)] == list(range(len(starts)))
+    assert all(0 < b - a <= max_copies for a, b in plan)
+    cost = sum(overhead + (b - a) * rows * positions_from(starts[a]) for a, b in plan)
+    assert cost == pytest.approx(_brute_force_plan_cost(starts, rows, max_copies, positions_from, overhead))
+
+
+def test_pass_plan_extremes():
+    from relp.interventions import plan_passes
+
+    starts = [2, 2, 3, 5, 5, 5]
+    # no prefix reuse (every pass computes every position): one pass, or as few as the limit allows
+    assert plan_passes(starts, 1, 10, lambda p: 7, 0.0) == [(0, 6)]
+    assert plan_passes(starts, 1, 4, lambda p: 7, 1.0) == [(0, 4), (4, 6)]
+    # free passes: one per position; prohibitive passes: one in all
+    assert plan_passes(starts, 1, 10, lambda p: 7 - p, 0.0) == [(0, 2), (2, 3), (3, 6)]
+    assert plan_passes(starts, 1, 10, lambda p: 7 - p, 1e9) == [(0, 6)]
+    with pytest.raises(ValueError, match="sorted"):
+        plan_passes([3, 2], 1, 10, lambda p: 7 - p, 0.0)
+
+
+def test_components_of_one_layer_share_passes(monkeypatch):
+    """Cells of resid_pre, attn_out and mlp_out at one layer run in the same passes (one pass per layer
+    when the rows allow and passes are never split), with the scores of one component at a time."""
+    import relp.interventions as interventions
+
+    model = tiny_model("llama", dtype=torch.float64, n_layers=3)
+    clean, corrupted, metric = _prompts(model)
+    components = ["resid_pre", "attn_out", "mlp_out"]
+    together = relp.activation_patching(model, clean, corrupted, metric, components, progress=False, batch_size=300)
+    assert together.metadata["forward_passes"] >= 3 + model.cfg.n_layers
+    for key in interventions.PASS_OVERHEAD_ROWS:  # passes never split
+        monkeypatch.setitem(interventions.PASS_OVERHEAD_ROWS, key, 1e12)
+    packed = relp.activation_patching(model, clean, corrupted, metric, components, progress=False, batch_size=300)
+    assert packed.metadata["forward_passes"] == 3 + model.cfg.n_layers
+    for component in components:
+        alone = relp.activation_patching(model, clean, corrupted, metric, [component], progress=False, batch_size=300)
+        torch.testing.assert_close(packed[component], alone[component], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(together[component], alone[component], rtol=1e-9, atol=1e-12)

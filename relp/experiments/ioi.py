@@ -72,18 +72,15 @@ def run(args: argparse.Namespace, model=None) -> dict:
     batches = list(data.batches())
     print(f"{model_name}: {len(data)} IOI prompts ({args.corruption}), {len(batches)} layout batch(es)")
 
-    jobs, clean_lds, corrupted_lds = [], [], []
-    for index, batch in enumerate(batches):
-        metric, clean_ld, corrupted_ld = ioi_metric(model, batch)
-        clean_lds.append(clean_ld)
-        corrupted_lds.append(corrupted_ld)
-        jobs.append((batch, metric, f"batch {index + 1}/{len(batches)} ({len(batch)} prompts, {batch.length} tokens)"))
+    metrics, clean_ld, corrupted_ld = ioi_metrics(model, batches)
+    jobs = [
+        (batch, metric, f"batch {index + 1}/{len(batches)} ({len(batch)} prompts, {batch.length} tokens)")
+        for index, (batch, metric) in enumerate(zip(batches, metrics))
+    ]
     # the metric reads only the last token (END), so activation patching computes only its logits
     settings = {"batch_size": args.batch_size, "progress": True, "logits_to_keep": 1, "rules": args.rules}
     results = score_batches(model, jobs, args.methods, args.components, settings)
 
-    clean_ld = torch.cat(clean_lds)
-    corrupted_ld = torch.cat(corrupted_lds)
     summary = {
         "model": model_name,
         "n_prompts": len(data),
@@ -102,15 +99,31 @@ def run(args: argparse.Namespace, model=None) -> dict:
     return finish(out, summary, results_markdown, results, position_tables(results, batches, args.components), args, started)
 
 
-def ioi_metric(model, batch) -> tuple[NormalizedLogitDiff, torch.Tensor, torch.Tensor]:
-    """The batch's normalised logit difference, with the clean and corrupted logit differences per prompt."""
-    raw = LogitDiff(batch.answer_tokens, batch.wrong_tokens)
-    with torch.no_grad():
-        clean_ld = raw.per_prompt(model(batch.clean_tokens))
-        corrupted_ld = raw.per_prompt(model(batch.corrupted_tokens))
-    require_end_last(batch)
-    metric = NormalizedLogitDiff(batch.answer_tokens, batch.wrong_tokens, clean_ld.mean().item(), corrupted_ld.mean().item())
-    return metric, clean_ld, corrupted_ld
+def ioi_metrics(model, batches) -> tuple[list[NormalizedLogitDiff], torch.Tensor, torch.Tensor]:
+    """One normalised logit difference per layout batch, all on the whole dataset's scale, with the
+    clean and corrupted logit differences per prompt (concatenated over `batches`).
+
+    Every batch is normalised by the dataset's mean clean and corrupted LD, as in the paper
+    (``LD = mean(logit[IO] - logit[S])`` over the dataset), not by its own: a batch's own gap can be
+    small or even of the wrong sign (seed 0, 64 prompts: one 2-prompt batch's clean-minus-corrupted
+    gap was -1.2 logits against 4-12 elsewhere), and dividing by it blows that batch's scores up
+    (AtP reached 11 there) until they decide the pooled agreement. On one scale a cell's score is its
+    change of the logit difference in units of the dataset's clean-corrupted gap, whichever batch it
+    comes from.
+    """
+    clean_lds, corrupted_lds = [], []
+    for batch in batches:
+        require_end_last(batch)
+        raw = LogitDiff(batch.answer_tokens, batch.wrong_tokens)
+        with torch.no_grad():
+            clean_lds.append(raw.per_prompt(model(batch.clean_tokens)))
+            corrupted_lds.append(raw.per_prompt(model(batch.corrupted_tokens)))
+    clean_ld, corrupted_ld = torch.cat(clean_lds), torch.cat(corrupted_lds)
+    clean_value, corrupted_value = clean_ld.mean().item(), corrupted_ld.mean().item()
+    metrics = [
+        NormalizedLogitDiff(batch.answer_tokens, batch.wrong_tokens, clean_value, corrupted_value) for batch in batches
+    ]
+    return metrics, clean_ld, corrupted_ld
 
 
 def results_markdown(summary: dict, *, top_k: int = 10) -> str:
