@@ -76,16 +76,18 @@ def test_ioi_script_numbers_equal_a_direct_recomputation(ioi_run):
     assert [r.metadata["n_prompts"] for r in saved["ap"]] == [len(b) for b in batches]
 
     # clean / corrupted logit difference: mean over all prompts of logit[IO] - logit[S] at END
-    clean_lds, corrupted_lds, metrics = [], [], []
+    clean_lds, corrupted_lds = [], []
     for batch in batches:
         raw = relp.LogitDiff(batch.answer_tokens, batch.wrong_tokens)
         with torch.no_grad():
             clean_lds.append(raw.per_prompt(model(batch.clean_tokens)))
             corrupted_lds.append(raw.per_prompt(model(batch.corrupted_tokens)))
-        metrics.append(relp.NormalizedLogitDiff.from_runs(
-            model, batch.clean_tokens, batch.corrupted_tokens, batch.answer_tokens, batch.wrong_tokens
-        ))
     clean_ld, corrupted_ld = torch.cat(clean_lds), torch.cat(corrupted_lds)
+    # every batch's metric is normalised by the whole dataset's clean and corrupted LD (one scale)
+    metrics = [
+        relp.NormalizedLogitDiff(batch.answer_tokens, batch.wrong_tokens, clean_ld.mean().item(), corrupted_ld.mean().item())
+        for batch in batches
+    ]
     # float32 logits, the same batched forward passes: equal up to the float32 mean of 4 values
     assert results["clean_logit_diff"] == pytest.approx(clean_ld.mean().item(), rel=1e-6, abs=1e-9)
     assert results["corrupted_logit_diff"] == pytest.approx(corrupted_ld.mean().item(), rel=1e-6, abs=1e-9)
