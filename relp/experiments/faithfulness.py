@@ -46,8 +46,8 @@ from relp.tasks import make_ioi_dataset
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relp faithfulness", description=__doc__.split("\n\n")[0])
     add_model_and_method_arguments(parser)
-    parser.add_argument("--n-prompts", type=int, default=4, help="IOI prompts to score nodes on (default: 4)")
-    parser.add_argument("--n-eval", type=int, default=8, help="held-out IOI prompts to evaluate circuits on (default: 8)")
+    parser.add_argument("--n-prompts", type=int, default=16, help="IOI prompts to score nodes on (default: 16)")
+    parser.add_argument("--n-eval", type=int, default=32, help="held-out IOI prompts to evaluate circuits on (default: 32)")
     parser.add_argument("--corruption", default="abc", choices=CORRUPTIONS)
     parser.add_argument("--components", nargs="+", default=["attn_out", "mlp_out"], help="node types (default: attn_out mlp_out)")
     parser.add_argument("--summed", action="store_true", help="nodes summed over positions (default: one node per position)")
