@@ -174,7 +174,9 @@ def activation_patching(
     base run are replayed (they cannot depend on the patch), which halves the cost on average. With
     `reuse_prefix` (causal models, metrics that read logits), positions before the first patched one
     are not recomputed either: they cannot depend on the patch, and the run computes only the later
-    positions on the base run's keys and values (the model's own key/value cache).
+    positions on the base run's keys and values (the model's own key/value cache). The cells of every
+    requested component at one layer share passes, ordered by position and split where a later first
+    position saves more compute than another pass costs (:func:`relp.interventions.plan_passes`).
     With `logits_to_keep=k` the metric receives only the logits of the last k positions
     (``[batch, k, vocab]``), and the unembedding is computed only there: for metrics that read the last
     token (IOI's logit difference) this saves a large share of a small model's forward pass.
