@@ -3,6 +3,7 @@
     python benchmarks/run.py            # the embedded SmolLM2, IOI prompts; several minutes
     python benchmarks/run.py --quick    # a random-weight model and a smaller grid; seconds
     python benchmarks/run.py --device cuda
+    python benchmarks/run.py --random-model gpt2-large --no-transformer-lens --no-scaling --memory-methods atp relp
 
 Prints a short table per section and, as its last line, one JSON object:
 
@@ -13,8 +14,8 @@ Prints a short table per section and, as its last line, one JSON object:
 * ``relp_over_atp``, ``relp_over_forward``, ``atp_over_forward``: warm medians of interleaved repeats
   (the gradient methods on the same batch), and the first call's time;
 * ``peak_memory_mb``: peak memory of each method, including ``neuron`` and ``head`` components (CUDA: the
-  allocator's peak; CPU: the growth of the process's peak resident memory, a lower bound once a
-  larger run has happened);
+  allocator's peak above what was allocated before; CPU: the process's peak resident memory during the
+  call, sampled in a thread, and its growth over the call's start);
 * ``scaling``: seconds per method against sequence length and model size (random-weight GPT-2 small,
   medium and large configurations, and the embedded model).
 
@@ -27,12 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -149,14 +151,39 @@ def gradient_overhead(model, clean, corrupted, metric, device, repeats: int) -> 
 # Peak memory
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+class _RssSampler:
+    """Peak resident memory of this process while a block runs, sampled every few milliseconds in a
+    thread (``ru_maxrss`` cannot be reset: after a larger earlier run it would read nothing)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._process = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.before = self._process.memory_info().rss
+        self.peak = self.before
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def peak_memory(model, clean, corrupted, metric, device) -> dict:
+def peak_memory(model, clean, corrupted, metric, device, methods=("ap", "atp", "relp")) -> dict:
     """Peak memory (MB) of each method on resid_pre, attn_out, mlp_out, head and neuron (activation
     patching without neurons: one pass per few hundred of the model's layers x positions x neurons cells
-    is hours on a CPU, and its memory per pass is that of any other component)."""
+    is hours on a CPU, and its memory per pass is that of any other component). CUDA: the allocator's
+    peak above what was allocated before the call. CPU: the process's peak resident memory during the
+    call (``<method>``, model and everything else included) and its growth over the memory before the
+    call (``<method>_growth``)."""
     components = GRID + ["head", "neuron"]
     calls = {
         "ap": lambda: relp.activation_patching(model, clean, corrupted, metric, GRID + ["head"], progress=False, logits_to_keep=1),
@@ -164,17 +191,18 @@ def peak_memory(model, clean, corrupted, metric, device) -> dict:
         "relp": lambda: relp.relevance_patching(model, clean, corrupted, metric, components),
     }
     out = {}
-    for name, call in calls.items():
+    for name in methods:
+        call = calls[name]
         if torch.device(device).type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             call()
             out[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
         else:
-            before = _peak_rss_mb()
-            call()
-            out[name] = max(0.0, _peak_rss_mb() - before)
-    out["process_peak_rss_mb"] = _peak_rss_mb()
+            with _RssSampler() as rss:
+                call()
+            out[name] = rss.peak / 2**20
+            out[f"{name}_growth"] = (rss.peak - rss.before) / 2**20
     return out
 
 
@@ -231,6 +259,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-transformer-lens", action="store_true", help="skip the comparison with transformer_lens.patching")
     parser.add_argument("--random-model", choices=sorted(GPT2_SIZES), default=None,
                         help="a random-weight GPT-2 of this size instead of the embedded model (random prompts)")
+    parser.add_argument("--memory-methods", nargs="+", default=["ap", "atp", "relp"], choices=["ap", "atp", "relp"],
+                        help="methods of the peak-memory section (default: all; AP on GPT-2 large is long on a CPU)")
     parser.add_argument("--ap-lengths", type=int, nargs="+", default=[16, 64],
                         help="prompt lengths of the comparison with transformer_lens.patching (default: 16 64; --quick: 16)")
     args = parser.parse_args(argv)
@@ -278,7 +308,7 @@ def main(argv=None) -> dict:
     report["gradient_methods"] = overhead
 
     print("== peak memory (MB; resid_pre, attn_out, mlp_out, head, neuron; AP without neuron)", flush=True)
-    report["peak_memory_mb"] = peak_memory(model, clean, corrupted, metric, device)
+    report["peak_memory_mb"] = peak_memory(model, clean, corrupted, metric, device, args.memory_methods)
     print("  " + ", ".join(f"{k} {v:.0f}" for k, v in report["peak_memory_mb"].items()), flush=True)
 
     if not args.no_scaling:
