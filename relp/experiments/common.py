@@ -115,13 +115,18 @@ def finish(out: Path, summary: dict, markdown, results: dict, tables: dict, args
 
 def versions() -> dict:
     """Versions of the libraries a result depends on, for results files."""
-    import transformer_lens
+    import importlib.metadata
+
     import transformers
 
+    try:  # TransformerLens 4 has no __version__ attribute
+        transformer_lens_version = importlib.metadata.version("transformer-lens")
+    except importlib.metadata.PackageNotFoundError:
+        transformer_lens_version = "unknown"
     return {
         "relp": relp.__version__,
         "torch": torch.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "transformer_lens": transformer_lens_version,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }

@@ -44,7 +44,7 @@ PAPER_GPT2_SMALL = {  # Pearson r with activation patching, IOI, from the RelP p
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relp ioi", description=__doc__.split("\n\n")[0])
     add_model_and_method_arguments(parser)
-    parser.add_argument("--n-prompts", type=int, default=64, help="number of IOI prompts (default: 64)")
+    parser.add_argument("--n-prompts", type=int, default=128, help="number of IOI prompts (default: 128)")
     parser.add_argument("--corruption", default="s2_io_flip", choices=CORRUPTIONS, help="default: s2_io_flip, the corruption of the paper's demo (S2 replaced by IO, which flips the answer)")
     parser.add_argument("--components", nargs="+", default=["resid_pre", "attn_out", "mlp_out"], help="components to score (add 'head' for heads)")
     parser.add_argument("--seed", type=int, default=0)
