@@ -214,14 +214,12 @@ def activation_patching(
     # their component (a pass's cost is decided by its first layer and first position, not by what is
     # patched), ordered by position, so that a pass's cells share a late first position (prefix reuse).
     scores = {c.name: {} for c in run.components}
-    targets = {}
     jobs = []
     skipped = 0
     for layer in run.layers:
         cells_of_layer = []
         for component in run.components:
             target = activation(component, layer, source)
-            targets[component.name, layer] = target
             shape = component.cell_shape(target)
             scores[component.name][layer] = torch.zeros(shape, dtype=_score_dtype(model))
             changed = component.cell_scores((target != activation(component, layer, base)).to(torch.int32))
@@ -242,8 +240,8 @@ def activation_patching(
             for i, (other, cell) in enumerate(cells):
                 if other.name == component.name:
                     patched[(i, *cell)] = True
-            target = targets[component.name, layer]
-            replacements.append(Replacement(component, layer, keep=~component.activation_mask(patched), value=target))
+            keep = ~component.activation_mask(patched)
+            replacements.append(Replacement(component, layer, keep=keep, value=activation(component, layer, source)))
         values = run_stacked(
             model, run.base, len(cells), replacements, metric,
             labels=[f"{component.hook_name(layer)} cell {cell}" for component, cell in cells],

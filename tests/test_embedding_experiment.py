@@ -22,16 +22,6 @@ COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "head")
 CASES = [("bert", "mean"), ("llama", "last")]
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead (several times slower on a busy 2-core machine).
-    The runs and the recomputations share this setting, so their arithmetic is the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 _RUNS: dict = {}
 
 

@@ -59,12 +59,7 @@ def _model(arch, dtype=torch.float32, n_layers=3):
     return _MODELS[key]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _prompts(model, n_prompts=3, length=8, seed=0):

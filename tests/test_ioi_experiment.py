@@ -19,16 +19,6 @@ COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "head")
 
 
 @pytest.fixture(scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead (several times slower on a busy 2-core machine).
-    The run and the recomputation share this setting, so their arithmetic is the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def ioi_run(tmp_path_factory, single_thread):
     """One run of the experiment (4 prompts of the BABA templates, default corruption and seed)."""
     out = tmp_path_factory.mktemp("ioi")
