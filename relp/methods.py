@@ -22,6 +22,12 @@ composites by name)::
     def integrated_gradients(model, clean, corrupted, metric, components=BLOCK_COMPONENTS, *, rules=None, ...):
         ...
 
+A *preset* is a registered method with some options fixed (:func:`register_preset`; e.g. ``gim`` is
+relevance patching with the GIM rule set): it has its own key, label and colour, and its results record
+its key as their method. Every method records what it ran in ``metadata["forward_equivalents"]``
+(forward passes over the batch, a backward pass counting as two), which the method study reports as
+its cost; ``standard=True`` marks the methods (AP, AtP, RelP) the other experiments run by default.
+
 Adding a method is that function plus that entry: it then appears in ``relp ioi --methods``, in the
 experiments' tables, in plot legends and in ``PatchingResult.label``. Every method takes ``(model,
 clean, corrupted, metric, components, *, direction=..., layers=...)`` and returns a
@@ -31,8 +37,9 @@ clean, corrupted, metric, components, *, direction=..., layers=...)`` and return
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 #: Options the experiment scripts can pass a method (an entry names those its function accepts).
 EXPERIMENT_OPTIONS = {
@@ -40,6 +47,8 @@ EXPERIMENT_OPTIONS = {
     "progress": "show a progress bar",
     "logits_to_keep": "the metric reads only the last k positions' logits (set by experiments whose metric does)",
     "rules": "LRP rule preset or rule names (relp.rules)",
+    "steps": "interpolation steps along the path from the base to the source run (integrated gradients)",
+    "k": "how many of the highest-|score| cells are verified by activation patching (estimate-then-verify)",
 }
 
 
@@ -73,18 +82,28 @@ class Method:
     cost: Cost
     options: tuple[str, ...] = ()
     exact: bool = False  # the ground truth other methods are compared with
+    standard: bool = False  # run by default in the IOI, faithfulness and embedding experiments
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # a preset's fixed options
 
     @property
     def name(self) -> str:
-        """The name results record (``PatchingResult.method``): the function's name."""
-        return self.function.__name__
+        """The name results record (``PatchingResult.method``): the function's name, or a preset's key."""
+        return self.key if self.defaults else self.function.__name__
 
     def __call__(self, model, clean, corrupted, metric, components, **options):
-        return self.function(model, clean, corrupted, metric, components, **options)
+        clash = sorted(set(options) & set(self.defaults))
+        if clash:
+            raise TypeError(f"method {self.key!r} fixes {clash} (a preset of {self.function.__name__}); do not pass them")
+        result = self.function(model, clean, corrupted, metric, components, **self.defaults, **options)
+        if self.defaults:
+            result.method = self.name
+            result.metadata["preset_of"] = self.function.__name__
+        return result
 
     def experiment_options(self, settings: dict) -> dict:
-        """The experiment `settings` this method takes (its declared options that are set)."""
-        return {key: settings[key] for key in self.options if key in settings}
+        """The experiment `settings` this method takes (its declared options that are set, except those a
+        preset fixes)."""
+        return {key: settings[key] for key in self.options if key in settings and key not in self.defaults}
 
 
 #: key -> Method, in registration order (the order of tables and legends).
@@ -100,6 +119,7 @@ def register_method(
     cost: Cost,
     options: tuple[str, ...] = (),
     exact: bool = False,
+    standard: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register the decorated scoring function under `key` (returns it unchanged)."""
     unknown = [o for o in options if o not in EXPERIMENT_OPTIONS]
@@ -107,13 +127,49 @@ def register_method(
         raise ValueError(f"method {key!r}: unknown option(s) {unknown}; expected names from {sorted(EXPERIMENT_OPTIONS)}")
 
     def register(function: Callable) -> Callable:
-        taken = [m.key for m in METHODS.values() if key == m.key or label == m.label or function.__name__ == m.name]
-        if taken:
-            raise ValueError(f"method {key!r} ({label}, {function.__name__}) clashes with the registered {taken}")
-        METHODS[key] = Method(key, function, label, display_name, color, cost, tuple(options), exact)
+        _add(Method(key, function, label, display_name, color, cost, tuple(options), exact, standard))
         return function
 
     return register
+
+
+def register_preset(
+    key: str, of: str, defaults: Mapping[str, Any], *, label: str, display_name: str, color: str, cost: Cost | None = None
+) -> Method:
+    """Register a preset: the method `of` (a key) with some options fixed (e.g. ``gim`` is relevance
+    patching with ``rules="gim"``). Its results record the preset's key as their method."""
+    base = get_method(of)
+    unknown = sorted(set(defaults) - set(base.options))
+    if unknown and not all(_accepts(base.function, o) for o in unknown):
+        raise ValueError(f"preset {key!r}: {base.function.__name__} takes no option(s) {unknown}")
+    options = tuple(o for o in base.options if o not in defaults)
+    return _add(Method(key, base.function, label, display_name, color, cost or base.cost, options, False, False, dict(defaults)))
+
+
+def _accepts(function: Callable, option: str) -> bool:
+    import inspect
+
+    return option in inspect.signature(function).parameters
+
+
+def _add(method: Method) -> Method:
+    taken = [m.key for m in METHODS.values() if method.key == m.key or method.label == m.label or method.name == m.name]
+    if taken:
+        raise ValueError(f"method {method.key!r} ({method.label}, {method.name}) clashes with the registered {taken}")
+    METHODS[method.key] = method
+    return method
+
+
+def standard_methods() -> list[str]:
+    """Keys of the methods the IOI, faithfulness and embedding experiments run by default (AP, AtP, RelP)."""
+    return [m.key for m in METHODS.values() if m.standard]
+
+
+def forward_equivalents(result) -> float | None:
+    """The cost a result records (``metadata["forward_equivalents"]``): forward passes over its batch,
+    a backward pass counting as two; None for results saved before methods recorded it."""
+    value = result.metadata.get("forward_equivalents")
+    return None if value is None else float(value)
 
 
 def get_method(key: str) -> Method:

@@ -146,7 +146,7 @@ def _result(model, run: _Run, scores, method, metric, rules, start, **metadata) 
 
 
 @register_method(
-    "ap", label="AP", display_name="activation patching", color="black", exact=True,
+    "ap", label="AP", display_name="activation patching", color="black", exact=True, standard=True,
     options=("batch_size", "progress", "logits_to_keep"), cost=Cost(forward=1, per_cell=True),
 )
 def activation_patching(
@@ -254,6 +254,8 @@ def activation_patching(
     return _result(
         model, run, stacked_scores, "activation_patching", metric, (), start,
         base_metric=base_value.item(), forward_passes=len(jobs) + 3, cells_skipped_unchanged=skipped,
+        # one forward pass over the batch per patched cell, plus the source and base runs
+        forward_equivalents=sum(len(cells) for _, cells, _ in jobs) + 2,
         rows_per_pass=copies_per_pass * n_prompts, prefix_reuse=bool(prefix is not None and prefix.layers),
     )
 
@@ -320,7 +322,7 @@ def _gradient_scores(
 
 
 @register_method(
-    "atp", label="AtP", display_name="attribution patching", color="tab:blue", options=("logits_to_keep",),
+    "atp", label="AtP", display_name="attribution patching", color="tab:blue", options=("logits_to_keep",), standard=True,
     cost=Cost(forward=2, backward=1),
 )
 def attribution_patching(
@@ -343,11 +345,13 @@ def attribution_patching(
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
     scores, base_value = _gradient_scores(model, run, metric, logits_to_keep=logits_to_keep)
-    return _result(model, run, scores, "attribution_patching", metric, (), start, base_metric=base_value)
+    return _result(
+        model, run, scores, "attribution_patching", metric, (), start, base_metric=base_value, forward_equivalents=4
+    )
 
 
 @register_method(
-    "relp", label="RelP", display_name="relevance patching", color="tab:red", options=("rules", "logits_to_keep"),
+    "relp", label="RelP", display_name="relevance patching", color="tab:red", options=("rules", "logits_to_keep"), standard=True,
     cost=Cost(forward=2, backward=1),
 )
 def relevance_patching(
@@ -377,5 +381,5 @@ def relevance_patching(
     scores, base_value = _gradient_scores(model, run, metric, rules=rule_set, logits_to_keep=logits_to_keep)
     return _result(
         model, run, scores, "relevance_patching", metric, rule_set.active, start,
-        base_metric=base_value, rules_not_applicable=rule_set.not_applicable,
+        base_metric=base_value, rules_not_applicable=rule_set.not_applicable, forward_equivalents=4,
     )

@@ -124,8 +124,31 @@ def test_the_registry_holds_the_three_methods():
     assert get_method("relp").experiment_options({"rules": "ln", "batch_size": 8}) == {"rules": "ln"}
     assert get_method("ap").cost.forward_equivalents(100) == 100
     assert get_method("atp").cost.forward_equivalents(100) == 4  # 2 forward + 1 backward (= 2 forward)
-    with pytest.raises(KeyError, match="unknown method 'ig'"):
-        get_method("ig")
+    with pytest.raises(KeyError, match="unknown method 'no_such_method'"):
+        get_method("no_such_method")
+    assert relp.methods.standard_methods() == ["ap", "atp", "relp"]
+
+
+def test_a_preset_fixes_options_and_records_its_key(registry):
+    """A preset runs its base method with its options fixed; its result is labelled as the preset and
+    equals the base method called with those options."""
+    from relp.methods import forward_equivalents, register_preset
+
+    model = tiny_model("llama", n_layers=2)
+    preset = register_preset("ln_only", "relp", {"rules": "ln"}, label="RelP-LN", display_name="RelP, LN-rule only", color="k")
+    clean, corrupted = torch.tensor([[1, 5, 6, 7]]), torch.tensor([[1, 5, 9, 7]])
+
+    def metric(logits):
+        return logits[:, -1, 3].mean()
+
+    result = preset(model, clean, corrupted, metric, ["resid_pre"])
+    direct = relp.relevance_patching(model, clean, corrupted, metric, ["resid_pre"], rules="ln")
+    assert torch.equal(result["resid_pre"], direct["resid_pre"]) and result.rules == ("ln",)
+    assert result.method == "ln_only" and result.label == "RelP-LN" and get_method("ln_only") is preset
+    assert "rules" not in preset.options and preset.experiment_options({"rules": "relp"}) == {}
+    assert forward_equivalents(result) == 4
+    with pytest.raises(TypeError, match="fixes"):
+        preset(model, clean, corrupted, metric, ["resid_pre"], rules="relp")
 
 
 @pytest.fixture
@@ -141,7 +164,7 @@ def test_register_refuses_clashes_and_unknown_options(registry):
     with pytest.raises(ValueError, match="clashes"):
         register_method("atp2", label="AtP", display_name="x", color="k", cost=Cost(1))(lambda: None)
     with pytest.raises(ValueError, match="unknown option"):
-        register_method("x", label="X", display_name="x", color="k", cost=Cost(1), options=("steps",))
+        register_method("x", label="X", display_name="x", color="k", cost=Cost(1), options=("temperature",))
 
 
 def test_a_new_method_is_one_function_plus_one_entry(registry, tmp_path):

@@ -19,7 +19,7 @@ import torch
 
 import relp
 from relp import plotting
-from relp.methods import METHODS, get_method, method_label, reference_method
+from relp.methods import METHODS, get_method, method_label, reference_method, standard_methods
 from relp.metrics import agreement
 from relp.results import pool_results
 from relp.tasks import aggregate_by_position
@@ -34,11 +34,13 @@ def add_model_and_method_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_arguments(parser)
 
 
-def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """--methods (every registered method), --rules, --device, --dtype: identical in every experiment."""
+def add_method_arguments(parser: argparse.ArgumentParser, *, default_methods: list[str] | None = None) -> None:
+    """--methods (any registered method; default: the standard ones, AP, AtP and RelP), --rules, --device,
+    --dtype: identical in every experiment."""
+    default_methods = standard_methods() if default_methods is None else default_methods
     parser.add_argument(
-        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-        help="scoring methods (relp.methods registry; default: all of them: " + ", ".join(
+        "--methods", nargs="+", default=default_methods, choices=list(METHODS),
+        help=f"scoring methods (relp.methods registry; default: {' '.join(default_methods)}; any of: " + ", ".join(
             f"{m.key} = {m.display_name}" for m in METHODS.values()) + ")",
     )
     parser.add_argument("--rules", default="relp", help="LRP rule preset for relevance patching (default: relp)")
