@@ -9,6 +9,7 @@ EXPERIMENTS = {
     "faithfulness": "relp.experiments.faithfulness",
     "embedding": "relp.experiments.embedding",
     "embedding-rule-ablation": "relp.experiments.rule_ablation",
+    "methods": "relp.experiments.methods",
 }
 
 

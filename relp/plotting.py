@@ -40,7 +40,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from relp.methods import method_color
+from relp.methods import method_color, method_label
 
 if TYPE_CHECKING:
     from relp.faithfulness import FaithfulnessSummary, RandomBaseline
@@ -509,6 +509,51 @@ def plot_faithfulness(
         ax.set_title("ranked by signed score (CPR)" if which == "signed" else "ranked by |score| (CMD)")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("faithfulness f(k)")
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Method study: agreement against cost
+
+
+def plot_pareto(study: Mapping, *, statistics: Sequence[str] = ("pearson", "spearman"), title: str = "", path=None) -> Figure:
+    """Agreement with activation patching (mean over components) against cost, one point per method.
+
+    ``study`` is one study of ``relp methods`` (``agreement[method][component][statistic]`` and
+    ``cost[method]["forward_equivalents"]``). One panel per statistic, cost on a log axis; the methods
+    on the Pareto front (no other method both cheaper and better) are joined by a line. Activation
+    patching is drawn at agreement 1 as the reference. Returns the Figure; saves it only if ``path`` is given.
+    """
+    fig = Figure(figsize=(5.2 * len(statistics), 4.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(statistics)))
+    costs = {k: v["forward_equivalents"] for k, v in study["cost"].items() if v.get("forward_equivalents")}
+    for ax, statistic in zip(axes, statistics):
+        points = {}
+        for key, by_component in study["agreement"].items():
+            values = [v[statistic] for v in by_component.values() if np.isfinite(v[statistic])]
+            if key in costs and values:
+                points[key] = (costs[key], float(np.mean(values)))
+        reference = [k for k in costs if k not in study["agreement"]]
+        for key in reference:
+            points[key] = (costs[key], 1.0)
+        for key, (x, y) in points.items():
+            ax.scatter([x], [y], color=method_color(key) or "0.3", s=36, zorder=3)
+            ax.annotate(method_label(key), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front, best = [], -np.inf
+        for key, (x, y) in sorted(points.items(), key=lambda item: (item[1][0], -item[1][1])):
+            if y > best:
+                front.append((x, y))
+                best = y
+        if len(front) > 1:
+            ax.plot(*zip(*front), color="0.5", lw=1, ls="--", zorder=2, label="Pareto front")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xscale("log")
+        ax.set_xlabel("cost (forward-pass equivalents)")
+        ax.set_ylabel(f"mean {statistic} with activation patching")
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     _save(fig, path)
