@@ -49,6 +49,8 @@ from relp.patching import activation_patching, attribution_patching, relevance_p
 from relp.results import PatchingResult, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
 from relp.tokens import to_tokens
+from relp.verify import estimate_then_verify, verify
+from relp.ap_cache import cached_activation_patching
 
 __all__ = [
     "ABLATIONS",
@@ -85,8 +87,11 @@ __all__ = [
     "activation_patching",
     "agreement",
     "attribution_patching",
+    "cached_activation_patching",
+    "estimate_then_verify",
     "lrp_rules",
     "relevance_patching",
     "to_tokens",
+    "verify",
 ]
 __version__ = "0.1.0"

@@ -6,13 +6,15 @@ colour, the keyword options the experiments pass it, and its cost in forward-pas
 command line's ``--methods`` choices, the experiments' per-method options, result labels, tables,
 legends and colours all read this registry.
 
-=====  ======================  =====  =======  ======================================  =====================
-key    function                label  colour   experiment options                      cost
-=====  ======================  =====  =======  ======================================  =====================
-ap     activation_patching     AP     black    batch_size, progress, logits_to_keep    1 forward per cell
-atp    attribution_patching    AtP    blue     logits_to_keep                          2 forward + 1 backward
-relp   relevance_patching      RelP   red      rules, logits_to_keep                   2 forward + 1 backward
-=====  ======================  =====  =======  ======================================  =====================
+======  ====================  ===========  =======  =======================================  ==================================
+key     function              label        colour   experiment options                       cost
+======  ====================  ===========  =======  =======================================  ==================================
+ap      activation_patching   AP           black    batch_size, progress, logits_to_keep     1 forward per cell
+atp     attribution_patching  AtP          blue     logits_to_keep                           2 forward + 1 backward
+relp    relevance_patching    RelP         red      rules, logits_to_keep                    2 forward + 1 backward
+verify  estimate_then_verify  RelP+verify  purple   rules, k, logits_to_keep, batch_size,    4 forward + 1 backward + 1 forward
+                                                    progress                                 per cell for 5% of the cells
+======  ====================  ===========  =======  =======================================  ==================================
 
 Entries are declared where their function is defined, by decorating it (as zennit registers its
 composites by name)::
@@ -59,15 +61,17 @@ class Cost:
     forward: float
     backward: float = 0
     per_cell: bool = False  # forward passes per scored cell (activation patching), before stacking
+    share_of_cells: float = 0  # plus one forward pass for this share of the cells (estimate-then-verify)
 
     def forward_equivalents(self, n_cells: int = 1) -> float:
         """Forward-pass equivalents for scoring `n_cells` cells."""
-        return (self.forward + 2 * self.backward) * (n_cells if self.per_cell else 1)
+        return (self.forward + 2 * self.backward) * (n_cells if self.per_cell else 1) + self.share_of_cells * n_cells
 
     def __str__(self) -> str:
         if self.per_cell:
             return f"{self.forward:g} forward per cell"
-        return f"{self.forward:g} forward" + (f" + {self.backward:g} backward" if self.backward else "")
+        text = f"{self.forward:g} forward" + (f" + {self.backward:g} backward" if self.backward else "")
+        return text + (f" + 1 forward per cell for {self.share_of_cells:g} of the cells" if self.share_of_cells else "")
 
 
 @dataclass(frozen=True)

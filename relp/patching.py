@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +163,7 @@ def activation_patching(
     skip_early_layers: bool = True,
     reuse_prefix: bool = True,
     logits_to_keep: int | None = None,
+    cells: Mapping[str, torch.Tensor] | None = None,
 ) -> PatchingResult:
     """Exact patching: the metric's change when each cell is patched, one cell at a time.
 
@@ -180,9 +181,16 @@ def activation_patching(
     With `logits_to_keep=k` the metric receives only the logits of the last k positions
     (``[batch, k, vocab]``), and the unembedding is computed only there: for metrics that read the last
     token (IOI's logit difference) this saves a large share of a small model's forward pass.
+
+    `cells` patches only some cells: ``{component name: bool tensor}`` with one entry per requested
+    component, each of that component's score shape over the requested `layers` (``[layer, position]``,
+    ``[layer, head, position]``, ``[layer, position, neuron]``); True selects a cell. Selected cells are
+    scored exactly as without `cells` (same passes, unchanged cells exactly 0 without a pass); the
+    others are NaN (not computed). ``metadata["cells_patched"]`` counts the cells that took a pass.
     """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
+    selected = None if cells is None else _check_cells(cells, run)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer (rows per forward pass) or None (from memory); got {batch_size!r}")
     if any(c.offset_template for c in run.components):
@@ -216,15 +224,27 @@ def activation_patching(
     scores = {c.name: {} for c in run.components}
     jobs = []
     skipped = 0
-    for layer in run.layers:
+    for layer_index, layer in enumerate(run.layers):
         cells_of_layer = []
         for component in run.components:
             target = activation(component, layer, source)
             shape = component.cell_shape(target)
             scores[component.name][layer] = torch.zeros(shape, dtype=_score_dtype(model))
-            changed = component.cell_scores((target != activation(component, layer, base)).to(torch.int32))
-            cells = [cell for cell in itertools.product(*map(range, shape)) if changed[cell] > 0]
-            skipped += changed.numel() - len(cells)
+            changed = component.cell_scores((target != activation(component, layer, base)).to(torch.int32)) > 0
+            considered = changed.numel()
+            if selected is not None:
+                mask = selected[component.name]
+                if tuple(mask.shape[1:]) != shape:
+                    raise ValueError(
+                        f"cells[{component.name!r}] has shape {tuple(mask.shape)}; expected {(len(run.layers), *shape)} "
+                        f"(the {component.name} score shape {component.axes} over {len(run.layers)} layer(s))"
+                    )
+                chosen = mask[layer_index]
+                scores[component.name][layer][~chosen] = float("nan")  # not computed
+                changed = changed & chosen.to(changed.device)
+                considered = int(chosen.sum())
+            cells = [cell for cell in itertools.product(*map(range, shape)) if changed[cell]]
+            skipped += considered - len(cells)
             at = component.cell_axes.index("position")
             cells_of_layer += [(cell[at], component, cell) for cell in cells]
         cells_of_layer.sort(key=lambda entry: entry[0])
@@ -251,13 +271,47 @@ def activation_patching(
             scores[component.name][layer][cell] = (value - base_value).item()
 
     stacked_scores = {c: torch.stack([by_layer[layer] for layer in run.layers]) for c, by_layer in scores.items()}
+    patched = sum(len(cells) for _, cells, _ in jobs)
+    if selected is not None:
+        extra = {"cells_selected": sum(int(mask.sum()) for mask in selected.values())}
+    else:
+        extra = {}
     return _result(
         model, run, stacked_scores, "activation_patching", metric, (), start,
         base_metric=base_value.item(), forward_passes=len(jobs) + 3, cells_skipped_unchanged=skipped,
+        cells_patched=patched, **extra,
         # one forward pass over the batch per patched cell, plus the source and base runs
-        forward_equivalents=sum(len(cells) for _, cells, _ in jobs) + 2,
+        forward_equivalents=patched + 2,
         rows_per_pass=copies_per_pass * n_prompts, prefix_reuse=bool(prefix is not None and prefix.layers),
     )
+
+
+def _check_cells(cells, run: _Run) -> dict[str, torch.Tensor]:
+    """The `cells` selection of :func:`activation_patching`, checked up to each tensor's cell axes (their
+    sizes are known once the activations are), as CPU bool tensors."""
+    if not isinstance(cells, Mapping):
+        raise TypeError(f"cells must be a dict {{component name: bool tensor}} or None; got {type(cells).__name__}")
+    requested = [c.name for c in run.components]
+    missing = [name for name in requested if name not in cells]
+    extra = [name for name in cells if name not in requested]
+    if missing or extra:
+        raise ValueError(
+            f"cells must have one entry per requested component {requested}; "
+            + "; ".join(part for part in (f"missing {missing}" if missing else "", f"not requested {extra}" if extra else "") if part)
+        )
+    checked = {}
+    for component in run.components:
+        mask = cells[component.name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            what = f"a tensor of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"cells[{component.name!r}] must be a bool tensor; got {what}")
+        if mask.ndim != len(component.axes) or mask.shape[0] != len(run.layers):
+            raise ValueError(
+                f"cells[{component.name!r}] has shape {tuple(mask.shape)}; expected {len(component.axes)} axes "
+                f"{component.axes} with {len(run.layers)} layer(s) first (layers {run.layers})"
+            )
+        checked[component.name] = mask.detach().cpu()
+    return checked
 
 
 # ----------------------------------------------------------------------------------------------
