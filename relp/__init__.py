@@ -49,7 +49,7 @@ from relp.patching import activation_patching, attribution_patching, relevance_p
 from relp.results import PatchingResult, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
 from relp.tokens import to_tokens
-from relp.verify import estimate_then_verify, verify
+from relp.verification import estimate_then_verify, verify
 from relp.ap_cache import cached_activation_patching
 
 __all__ = [

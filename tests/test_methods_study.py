@@ -92,7 +92,7 @@ def test_second_run_loads_activation_patching_from_the_cache(study, name):
     first, second = (study["root"] / run_name / name for run_name in ("first", "second"))
     n_batches = len(list((first / "scores").glob("ap_batch*.pt")))
     for a, b in zip(_saved(first, "ap", n_batches), _saved(second, "ap", n_batches)):
-        assert not a.metadata.get("loaded_from_cache") and b.metadata.get("loaded_from_cache")
+        assert not a.metadata["ap_cache"]["loaded"] and b.metadata["ap_cache"]["loaded"]
         for component in a.scores:
             assert torch.equal(a[component], b[component])
     assert not (second / "pareto.png").exists()

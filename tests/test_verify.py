@@ -17,7 +17,7 @@ import relp
 from relp import ap_cache
 from relp.methods import forward_equivalents, get_method
 from relp.testing import tiny_model
-from relp.verify import cell_masks
+from relp.verification import cell_masks
 
 COMPONENTS = ["resid_pre", "attn_out", "mlp_out", "head", "neuron"]
 CLOSE = {"rtol": 0.0, "atol": 1e-12}  # float64 rounding across different pass groupings (module docstring)

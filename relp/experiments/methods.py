@@ -173,7 +173,7 @@ def run_study(name: str, model, jobs: list, components: list[str], methods: list
             model, batch.clean_tokens, batch.corrupted_tokens, metric, components,
             cache_dir=cache_dir, metric_key=metric_key, **ap_options,
         ))
-    loaded = sum(bool(r.metadata.get("loaded_from_cache")) for r in results[reference.key])
+    loaded = sum(r.metadata["ap_cache"]["loaded"] for r in results[reference.key])
     print(f"  {reference.key}: {loaded}/{len(jobs)} batch(es) from the cache")
     for key in methods:
         if key == reference.key:
