@@ -27,7 +27,10 @@ the base run (:func:`relp.patching.attribution_patching`). AtP* fixes its two fa
   (the paper's nodes are attention and MLP units, whose gradient that drop would zero; ``resid_pre`` at
   layer l counts as in layer l). Dropping a layer before the cell's leaves its gradient unchanged, so
   those ``layer(n)`` terms are ``|AtP(n)|`` and only layers after the first requested one are
-  backpropagated. **GradDrop scores are unsigned** (>= 0, a magnitude of effect); the result records
+  backpropagated. ``metadata["grad_drop_layers_reached"]`` lists the dropped layers the backward pass
+  went through: with a metric on the logits that must be all of them (else an error: the bridge
+  discarded the gates); a readout that reads an earlier layer does not reach the later ones, whose
+  drop then rightly changes nothing. **GradDrop scores are unsigned** (>= 0, a magnitude of effect); the result records
   ``metadata["signed"] = False``. With the QK-fix, ``AtP_l`` of query and key cells uses the pattern
   gradient of that backward pass.
 
@@ -278,13 +281,13 @@ def atp_star(
                 state["drop"] = drop
                 result = torch.autograd.grad(value, inputs, retain_graph=i < len(dropped), allow_unused=True)
                 grads[drop] = dict(zip(in_graph, result))
-                if drop is None and dropped:
-                    missing = sorted(set(dropped) - state["reached"])
-                    if missing:
-                        raise RuntimeError(
-                            f"GradDrop: the backward pass did not go through the block outputs of layer(s) {missing} "
-                            "(their hooks are not in the computation of the metric on this model)"
-                        )
+                missing = sorted(set(dropped) - state["reached"])
+                if drop is None and missing and readout is None:
+                    # Every block output reaches the logits: a gate the backward pass missed was discarded.
+                    raise RuntimeError(
+                        f"GradDrop: the backward pass did not go through the block outputs of layer(s) {missing} "
+                        "(the bridge discards their hooks' edits on this model); use grad_drop=False"
+                    )
 
     attention = {layer: _Attention(model, layer, detached) for layer in fixed_layers}
     query_delta = {layer: attention[layer].query_delta(source[_attn(layer, "hook_q")]) for layer in fixed_layers} if "query" in fixed else {}
@@ -318,7 +321,7 @@ def atp_star(
         model, run, scores, "atp_star", metric, rule_set.active if rule_set is not None else (), start,
         base_metric=value.item(), forward_equivalents=2 + 2 * (1 + len(dropped)),
         qk_fix=bool(qk_fix), qk_fixed_components=sorted(fixed), grad_drop=bool(grad_drop), signed=not grad_drop,
-        grad_drop_layers=dropped, backward_passes=1 + len(dropped),
+        grad_drop_layers=dropped, grad_drop_layers_reached=sorted(state["reached"]), backward_passes=1 + len(dropped),
         softmax_dtypes={str(layer): str(a.softmax_dtype) for layer, a in attention.items()},
         **({"rules_not_applicable": rule_set.not_applicable} if rule_set is not None else {}),
     )

@@ -6,13 +6,16 @@ colour, the keyword options the experiments pass it, and its cost in forward-pas
 command line's ``--methods`` choices, the experiments' per-method options, result labels, tables,
 legends and colours all read this registry.
 
-=====  ======================  =====  =======  ======================================  =====================
-key    function                label  colour   experiment options                      cost
-=====  ======================  =====  =======  ======================================  =====================
-ap     activation_patching     AP     black    batch_size, progress, logits_to_keep    1 forward per cell
-atp    attribution_patching    AtP    blue     logits_to_keep                          2 forward + 1 backward
-relp   relevance_patching      RelP   red      rules, logits_to_keep                   2 forward + 1 backward
-=====  ======================  =====  =======  ======================================  =====================
+========  ======================  =====  ==========  ======================================  ==========================
+key       function                label  colour      experiment options                      cost
+========  ======================  =====  ==========  ======================================  ==========================
+ap        activation_patching     AP     black       batch_size, progress, logits_to_keep    1 forward per cell
+atp       attribution_patching    AtP    blue        logits_to_keep                          2 forward + 1 backward
+relp      relevance_patching      RelP   red         rules, logits_to_keep                   2 forward + 1 backward
+atp_star  atp_star                AtP*   purple      rules, logits_to_keep                   2 forward + 1 backward
+                                                                                             (+1 backward per later
+                                                                                             layer with grad_drop)
+========  ======================  =====  ==========  ======================================  ==========================
 
 Entries are declared where their function is defined, by decorating it (as zennit registers its
 composites by name)::
