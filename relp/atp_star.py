@@ -36,7 +36,8 @@ the base run (:func:`relp.patching.attribution_patching`). AtP* fixes its two fa
 
 With `rules` (a preset or rule names from :mod:`relp.rules`) every backward pass follows the LRP rules,
 as in :func:`relp.patching.relevance_patching`; ``atp_star(..., rules="relp")`` is RelP with the
-QK-fix. Cells of other components get the plain AtP (or RelP) score, equal to
+QK-fix. For QK-fixed cells the rules shape the gradient down to ``hook_pattern`` only: a rule that
+acts on the gradients reaching q and k (``attnlrp``'s 1/4) does not change them. Cells of other components get the plain AtP (or RelP) score, equal to
 :func:`relp.patching.attribution_patching` (:func:`relp.patching.relevance_patching`).
 
 Cost: 2 forward passes (source, base) and 1 backward pass, plus one backward pass per dropped layer

@@ -32,8 +32,14 @@ def _one_thread(single_thread):
 def _sharp_model(architecture: str, n_layers: int = 1, sharpness: float = 15.0):
     """A float64 tiny model whose query and key weights are scaled up, so that attention patterns are far
     from uniform and the softmax is visibly nonlinear (random init gives scores ~1e-2)."""
+    n_key_value_heads = None
+    if architecture == "llama-mqa":  # multi-query attention: one key head shared by all four query heads
+        architecture, n_key_value_heads = "llama", 1
     tokenizer = tiny_tokenizer()
-    hf = tiny_hf_model(architecture, vocab_size=len(tokenizer), n_layers=n_layers, dtype=torch.float64, seed=1)
+    hf = tiny_hf_model(
+        architecture, vocab_size=len(tokenizer), n_layers=n_layers, dtype=torch.float64, seed=1,
+        n_key_value_heads=n_key_value_heads,
+    )
     with torch.no_grad():
         if architecture == "gpt2":
             for block in hf.transformer.h:
@@ -160,7 +166,7 @@ def test_activation_patching_of_query_and_key_matches_transformer_lens():
 # QK-fix: exact where the softmax is the only nonlinearity
 
 
-@pytest.mark.parametrize("architecture", ARCHS)
+@pytest.mark.parametrize("architecture", [*ARCHS, "llama-mqa"])
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_qk_fix_equals_activation_patching_on_one_layer(architecture, direction):
     model = _sharp_model(architecture)
@@ -185,7 +191,8 @@ def test_qk_fix_equals_activation_patching_on_one_layer(architecture, direction)
         unfixed = relp.atp_star(model, clean, corrupted, metric, [component], direction=direction, qk_fix=False)
         assert torch.equal(unfixed.scores[component], plain.scores[component])
     assert star.metadata["qk_fixed_components"] == ["key", "query"]
-    assert star.metadata["softmax_dtypes"] == {"0": str(torch.float32 if architecture == "llama" else torch.float64)}
+    assert star.scores["key"].shape[1] == (model.cfg.n_key_value_heads or model.cfg.n_heads)
+    assert star.metadata["softmax_dtypes"] == {"0": str(torch.float64 if architecture == "gpt2" else torch.float32)}
 
 
 def test_qk_fix_key_cells_share_their_query_heads():
@@ -364,3 +371,9 @@ def test_logits_to_keep_changes_nothing_but_rounding():
     kept = relp.atp_star(model, clean, corrupted, metric, components, grad_drop=True, logits_to_keep=1)
     for component in components:
         torch.testing.assert_close(kept.scores[component], full.scores[component], rtol=1e-12, atol=1e-16)
+
+
+def test_tiny_model_key_value_heads():
+    assert tiny_model("llama", n_layers=1, n_key_value_heads=1).cfg.n_key_value_heads == 1
+    with pytest.raises(ValueError, match="n_key_value_heads applies to 'llama'.*'gpt2'"):
+        tiny_model("gpt2", n_layers=1, n_key_value_heads=1)
