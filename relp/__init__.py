@@ -46,6 +46,7 @@ from relp.loading import (
     load_model,
 )
 from relp.patching import activation_patching, attribution_patching, relevance_patching
+from relp.atp_star import atp_star
 from relp.results import PatchingResult, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
 from relp.tokens import to_tokens
@@ -86,6 +87,7 @@ __all__ = [
     "RuleNotLiveError",
     "activation_patching",
     "agreement",
+    "atp_star",
     "attribution_patching",
     "cached_activation_patching",
     "estimate_then_verify",

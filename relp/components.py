@@ -10,6 +10,8 @@ attn_out       blocks.{l}.hook_attn_out        [batch, pos, d]      (layer, posi
 mlp_out        blocks.{l}.hook_mlp_out         [batch, pos, d]      (layer, position)
 head           blocks.{l}.attn.hook_z          [batch, pos, h, dh]  (layer, head, position)
 neuron         blocks.{l}.mlp.hook_post        [batch, pos, d_mlp]  (layer, position, neuron)
+query          blocks.{l}.attn.hook_q          [batch, pos, h, dh]  (layer, head, position)
+key            blocks.{l}.attn.hook_k          [batch, pos, hkv, dh] (layer, head, position)
 =============  ==============================  ===================  ===============================
 
 ``resid_mid`` is not hooked at ``blocks.{l}.hook_resid_mid``: in TransformerLens 4.x that name is an alias
@@ -37,7 +39,16 @@ residual connection).
 
 ``head`` uses the per-query-head attention output ``z`` (the input of the output projection), so with
 grouped-query attention each of the ``n_heads`` query heads is its own component even though key and
-value heads are shared. ``neuron`` uses the MLP hidden units that enter the output projection
+value heads are shared. ``query`` and ``key`` are the per-head query and key vectors (``hook_q``, ``hook_k``). On rotary models
+(Llama) the bridge fires them *before* the rotary embedding (the rotated ones are ``hook_rot_q`` and
+``hook_rot_k``); patching them patches the vector that is then rotated at its own position. With
+grouped-query attention ``key`` has ``n_key_value_heads`` heads (a key cell is shared by the
+``n_heads / n_key_value_heads`` query heads of its group). Activation patching of both is checked
+against a hand patch on GPT-2- and Llama-style models (``tests/test_atp_star.py``); on BERT-style
+models the bridge delegates attention to Hugging Face and its ``hook_attn_scores`` is not the
+pre-softmax score, so :func:`relp.atp_star.atp_star`'s QK-fix refuses them.
+
+``neuron`` uses the MLP hidden units that enter the output projection
 (``act(gate) * up`` for gated MLPs).
 """
 
@@ -145,6 +156,14 @@ COMPONENTS: dict[str, Component] = {
         Component(
             "neuron", "blocks.{layer}.mlp.hook_post", ("layer", "position", "neuron"), ("batch", "position", "neuron"),
             "one MLP hidden unit",
+        ),
+        Component(
+            "query", "blocks.{layer}.attn.hook_q", ("layer", "head", "position"), ("batch", "position", "head", "d_head"),
+            "one query head's query vector (before the rotary embedding on rotary models)",
+        ),
+        Component(
+            "key", "blocks.{layer}.attn.hook_k", ("layer", "head", "position"), ("batch", "position", "head", "d_head"),
+            "one key/value head's key vector (before the rotary embedding on rotary models)",
         ),
     )
 }

@@ -6,15 +6,17 @@ colour, the keyword options the experiments pass it, and its cost in forward-pas
 command line's ``--methods`` choices, the experiments' per-method options, result labels, tables,
 legends and colours all read this registry.
 
-======  ====================  ===========  =======  =======================================  ==================================
-key     function              label        colour   experiment options                       cost
-======  ====================  ===========  =======  =======================================  ==================================
-ap      activation_patching   AP           black    batch_size, progress, logits_to_keep     1 forward per cell
-atp     attribution_patching  AtP          blue     logits_to_keep                           2 forward + 1 backward
-relp    relevance_patching    RelP         red      rules, logits_to_keep                    2 forward + 1 backward
-verify  estimate_then_verify  RelP+verify  purple   rules, k, logits_to_keep, batch_size,    4 forward + 1 backward + 1 forward
-                                                    progress                                 per cell for 5% of the cells
-======  ====================  ===========  =======  =======================================  ==================================
+==========  ======================  ===========  =======  ====================================  ===============================
+key         function                label        colour   experiment options                    cost (forward-pass equivalents)
+==========  ======================  ===========  =======  ====================================  ===============================
+ap          activation_patching     AP           black    batch_size, progress, logits_to_keep  1 per patched cell (+2)
+atp         attribution_patching    AtP          blue     logits_to_keep                        2 forward + 1 backward = 4
+relp        relevance_patching      RelP         red      rules, logits_to_keep                 4
+atp_star    atp_star                AtP*         brown    rules, logits_to_keep                 4 (+2 per later layer with
+                                                                                                grad_drop)
+verify      estimate_then_verify    RelP+verify  purple   rules, k, logits_to_keep,             the estimate's + 1 per
+                                                          batch_size, progress                  verified cell (+2)
+==========  ======================  ===========  =======  ====================================  ===============================
 
 Entries are declared where their function is defined, by decorating it (as zennit registers its
 composites by name)::

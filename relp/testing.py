@@ -72,6 +72,7 @@ def tiny_hf_model(
     n_heads: int = 4,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    n_key_value_heads: int | None = None,
 ):
     """A random-weight Hugging Face model of the given architecture ("gpt2", "llama", "bert" or "roberta")."""
     from transformers import (
@@ -85,6 +86,8 @@ def tiny_hf_model(
         RobertaForMaskedLM,
     )
 
+    if n_key_value_heads is not None and architecture != "llama":
+        raise ValueError(f"n_key_value_heads applies to 'llama' (grouped-query attention); got architecture {architecture!r}")
     torch.manual_seed(seed)
     if architecture == "gpt2":
         config = GPT2Config(
@@ -95,7 +98,8 @@ def tiny_hf_model(
     elif architecture == "llama":
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_model * 3 // 2,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads // 2,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            num_key_value_heads=n_heads // 2 if n_key_value_heads is None else n_key_value_heads,
             max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=1,
             tie_word_embeddings=False,
         )
@@ -128,16 +132,18 @@ def tiny_model(
     n_heads: int = 4,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    n_key_value_heads: int | None = None,
 ):
     """A random-weight TransformerBridge of the given architecture with a word-level tokenizer.
 
     Shapes: "gpt2" (LayerNorm, GELU MLP), "llama" (RMSNorm, SwiGLU, grouped-query attention with
     half as many key/value heads, rotary), "bert" (post-LayerNorm encoder, GELU MLP) and "roberta"
-    (BERT's blocks with RoBERTa's embeddings).
+    (BERT's blocks with RoBERTa's embeddings). `n_key_value_heads` (Llama only) overrides the default
+    ``n_heads // 2`` (1: multi-query attention).
     """
     tokenizer = tiny_tokenizer(words)
     hf = tiny_hf_model(
         architecture, vocab_size=len(tokenizer), n_layers=n_layers, d_model=d_model,
-        n_heads=n_heads, seed=seed, dtype=dtype,
+        n_heads=n_heads, seed=seed, dtype=dtype, n_key_value_heads=n_key_value_heads,
     )
     return bridge_from_hf(hf, tokenizer, name=f"tiny-{architecture}")
