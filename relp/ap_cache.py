@@ -60,7 +60,9 @@ def model_fingerprint(model) -> str:
         values = parameter.detach().reshape(-1)
         digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}|".encode())
         if values.numel():
-            index = torch.linspace(0, values.numel() - 1, min(values.numel(), SAMPLED_ELEMENTS)).round().long()
+            # integer arithmetic: a float32 linspace rounds large indices past the end (28311551 -> 28311552)
+            count = min(values.numel(), SAMPLED_ELEMENTS)
+            index = torch.arange(count, dtype=torch.int64) * (values.numel() - 1) // max(count - 1, 1)
             digest.update(_tensor_bytes(values[index.to(values.device)]))
     return digest.hexdigest()
 

@@ -56,7 +56,7 @@ import torch
 
 from relp.components import BLOCK_COMPONENTS, Component, component_for
 from relp.interventions import activation, capture_hooks, check_resid_mid, model_output
-from relp.methods import Cost, register_method
+from relp.methods import Cost, register_method, register_preset
 from relp.metrics import check_metric_value, metric_name
 from relp.patching import Metric, Tokens, _prepare, _read_names, _result, _score_dtype, _sites
 from relp.results import PatchingResult
@@ -326,3 +326,9 @@ def atp_star(
         softmax_dtypes={str(layer): str(a.softmax_dtype) for layer, a in attention.items()},
         **({"rules_not_applicable": rule_set.not_applicable} if rule_set is not None else {}),
     )
+
+
+register_preset(
+    "relp_qk", "atp_star", {"rules": "relp"}, label="RelP+QK", display_name="relevance patching with AtP*'s QK-fix",
+    color="tab:pink",
+)

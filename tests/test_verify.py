@@ -348,3 +348,15 @@ def test_the_cache_key_changes_with_what_decides_the_result(setup):
         key(metric_key="")
     with pytest.raises(TypeError, match="key_extra of type object cannot enter the AP cache key"):
         key(key_extra=object())
+
+
+def test_fingerprint_samples_the_last_element_of_a_huge_parameter():
+    """2**24 + 2 elements: a float32 linspace of indices rounds the last one past the end (IndexError on
+    SmolLM2's 28,311,552-element embedding); the sample must include the last element exactly."""
+    from relp.ap_cache import model_fingerprint
+
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(2**24 + 2, dtype=torch.float16), requires_grad=False)
+    before = model_fingerprint(module)
+    module.weight.data[-1] = 1.0
+    assert model_fingerprint(module) != before
