@@ -5,24 +5,50 @@ it receives (bit for bit: ``y.detach() + (p - p.detach())`` adds an exact zero) 
 path ``p``. Under the rules, the gradient of a metric is the LRP propagation coefficient, and
 gradient x (clean - corrupted) is relevance patching.
 
-=========  =====================================  ===========================================================
-rule       acts on                                backward effect
-=========  =====================================  ===========================================================
-ln         every LayerNorm / RMSNorm              the normalising scale 1/std (1/rms) is a constant: no gradient
-                                                  through it; mean-centring (LayerNorm) stays
-identity   the MLP activation (GELU, SiLU, ...)   d act(x)/dx is replaced by act(x)/x (at x == 0 exactly, the
-                                                  plain derivative act'(0) is kept, which is the limit of
-                                                  act(x)/x for GELU and SiLU: never NaN)
-half       the gate product act(g) * u            each factor receives half of the gradient (uniform rule, N=2);
-                                                  only gated MLPs have this product
-ah         the attention pattern                  the pattern is a constant: relevance flows through V only
-attnlrp    queries, keys and values               AttnLRP: gradients reaching q and k are scaled by 1/4, v by 1/2
-=========  =====================================  ===========================================================
+============  =====================================  ===========================================================
+rule          acts on                                backward effect
+============  =====================================  ===========================================================
+ln            every LayerNorm / RMSNorm              the normalising scale 1/std (1/rms) is a constant: no gradient
+                                                     through it; mean-centring (LayerNorm) stays
+ln_attn       norms before attention (pre-LN ln1)    the LN-rule at those norms only; likewise ``ln_mlp`` (before
+ln_mlp        norms before the MLP (pre-LN ln2)      the MLP), ``ln_final`` (the final norm; BERT: the MLM head's),
+ln_final      the final norm                         ``ln_post`` (after a sublayer: BERT/RoBERTa's ln1 and ln2),
+ln_post       norms after a sublayer (post-LN)       ``ln_qk`` (query/key norms: Qwen3, OLMo-2, Gemma-3) and
+ln_qk         query/key norms                        ``ln_embed`` (BERT's embedding norm). Kinds come from each
+ln_embed      the embedding norm                     norm's position in the forward pass (:func:`norm_kinds`); a
+                                                     kind the model lacks is ``not_applicable``
+identity      the MLP activation (GELU, SiLU, ...)   d act(x)/dx is replaced by act(x)/x (at x == 0 exactly, the
+                                                     plain derivative act'(0) is kept, which is the limit of
+                                                     act(x)/x for GELU and SiLU: never NaN)
+identity_eps  the MLP activation                     the RelP authors' code: act(x) / (x + 1e-6 * (sign(x) +
+                                                     (x == 0))), so 0 at x == 0 and x moved 1e-6 away from 0
+                                                     elsewhere. Small: on SmolLM2-135M (float32; one IOI batch,
+                                                     11 prompts of 19 tokens; resid_pre, attn_out, mlp_out)
+                                                     max |RelP(relp) - RelP(relp_eps)| = 2.0e-5 x max |RelP|
+half          the gate product act(g) * u            each factor receives half of the gradient (uniform rule, N=2);
+                                                     only gated MLPs have this product
+ah            the attention pattern                  the pattern is a constant: relevance flows through V only
+attnlrp       queries, keys and values               AttnLRP: gradients reaching q and k are scaled by 1/4, v by 1/2
+softmax_t2    the attention softmax                  GIM's temperature-adjusted softmax gradient: backward of
+                                                     softmax(s/T), T = 2, times T (GIM's code drops the 1/T factor,
+                                                     and so does relp): g -> q * (g - <g, q>), q = softmax(s/2)
+============  =====================================  ===========================================================
 
-Presets (``PRESETS``) name rule sets; ``"relp"`` is the paper's (ln + identity + half).
+Exclusive pairs (a clear error): ``ah`` with ``attnlrp`` or ``softmax_t2``, ``identity`` with
+``identity_eps``. ``ln`` with an ``ln_<kind>`` rule is ``ln``. The pattern rules (``ah``, ``softmax_t2``)
+act at ``hook_pattern``, or, where the bridge ignores edits there (BERT-style), through an eager attention
+function. ``softmax_t2`` changes the gradient only as far as the patterns are far from uniform over their
+unmasked entries (for a uniform row softmax(s/2) = softmax(s)): on a freshly initialised random BERT
+(near-uniform attention) the liveness check rejects it.
+
+Presets (``PRESETS``) name rule sets; ``"relp"`` is the paper's (ln + identity + half; RelP,
+arXiv 2508.21258); ``"relp_eps"`` the same with the authors' stabilised Identity-rule; ``"gim"`` is GIM
+(Edin et al. 2025, arXiv 2505.17630): ln + attnlrp (q, k x1/4, v x1/2) + softmax_t2, activation
+derivatives untouched. AttnLRP: Achtibat et al. 2024, arXiv 2402.05602.
+:func:`rule_sites` lists where each rule acts on a given model.
 ``lrp_rules(model, "relp")`` registers the hooks for the duration of a ``with`` block, after checking
-on the actual model that every rule is live (changes the gradient where it should and leaves the forward
-values alone); hooks are removed on exit, also when an exception is raised.
+on the actual model that every rule is live at each kind of site it acts on (changes the gradient there,
+finitely, and leaves the forward values alone); hooks are removed on exit, also when an exception is raised.
 
 >>> from relp.testing import tiny_model
 >>> model = tiny_model("llama")
@@ -128,8 +154,11 @@ class RuleSet:
 def resolve_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET) -> RuleSet:
     """Resolve a preset name or an iterable of rule names against a model.
 
-    The Half-rule does not apply to models without a gated MLP (GPT-2, BERT); it is then recorded in
-    ``not_applicable`` instead of being an error, so the paper's preset works on every architecture.
+    The Half-rule does not apply to models without a gated MLP (GPT-2, BERT), nor an ``ln_<kind>`` rule
+    to a model without norms of that kind (:func:`norm_kinds`: ``ln_post`` on GPT-2, ``ln_attn`` on BERT);
+    they are then recorded in ``not_applicable`` with the reason instead of being an error, so the presets
+    work on every architecture. Unknown names and exclusive pairs (``ah`` with ``attnlrp`` or
+    ``softmax_t2``, ``identity`` with ``identity_eps``) raise ValueError.
     """
     if rules is None:
         names: tuple[str, ...] = ()

@@ -30,7 +30,9 @@ from test_rules_reference import (
 )
 
 import relp
+import relp.loading
 import relp.rules as rules_module
+import relp.testing
 from relp.rules import (
     RuleNotLiveError,
     check_rules_live,
@@ -323,3 +325,117 @@ def test_rule_errors(rules, message):
     with pytest.raises(ValueError, match=message):
         resolve_rules(case("gpt2").bridge, rules)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# ln_qk on a model with query/key norms (Qwen3)
+
+
+def _qwen3_case():
+    """A tiny float64 Qwen3 (query/key RMSNorms over each head), built like test_rules_reference's cases."""
+    import copy
+    import types
+
+    from test_rules_reference import Case, _randomise, _rmsnorm_in_input_dtype
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = relp.testing.tiny_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+        pad_token_id=1, tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"],
+    )
+    hf = Qwen3ForCausalLM(config).to(torch.float64).eval()
+    _randomise(hf)
+    for module in hf.modules():
+        if type(module).__name__ == "Qwen3RMSNorm":  # float64 throughout (see _rmsnorm_in_input_dtype)
+            module.forward = types.MethodType(_rmsnorm_in_input_dtype, module)
+    ref = copy.deepcopy(hf)
+    bridge = relp.loading.bridge_from_hf(hf, tokenizer, name="tiny-qwen3")
+    generator = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(len(relp.testing.SPECIAL_TOKENS), len(tokenizer), (1, 7), generator=generator)
+    tokens[0, 0] = tokenizer.bos_token_id
+    direction = torch.randn(bridge.cfg.d_vocab_out, generator=generator, dtype=torch.float64)
+    return Case("qwen3", bridge, ref, tokens, direction)
+
+
+def qwen3_reference(hf, resid, rules=frozenset()):
+    """Qwen3 from the residual stream entering block 0 to the logits: Llama's blocks (see
+    test_rules_reference.llama_reference) with an RMSNorm over each query and key head (q_norm, k_norm)
+    after the projections and before rotary; the LN-rule per norm kind (attn, mlp, final, qk)."""
+    import math
+
+    import torch.nn.functional as F
+    from test_rules_reference import _causal_mask, _ln, _rms_norm, _rotary_cos_sin, _rotate_half
+
+    cfg = hf.config
+    n_heads, n_kv, d_head, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+    batch, n, _ = resid.shape
+    cos, sin = (c.to(resid.dtype) for c in _rotary_cos_sin(cfg, n, d_head))
+    x = resid
+    for layer in hf.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        h = _rms_norm(x, layer.input_layernorm.weight, eps, ln_rule=_ln(rules, "attn"))
+        q = _rms_norm((h @ attn.q_proj.weight.T).view(batch, n, n_heads, d_head), attn.q_norm.weight, eps,
+                      ln_rule=_ln(rules, "qk")).transpose(1, 2)
+        k = _rms_norm((h @ attn.k_proj.weight.T).view(batch, n, n_kv, d_head), attn.k_norm.weight, eps,
+                      ln_rule=_ln(rules, "qk")).transpose(1, 2)
+        v = (h @ attn.v_proj.weight.T).view(batch, n, n_kv, d_head).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        group = n_heads // n_kv
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d_head)
+        scores = scores.masked_fill(~_causal_mask(n, x.device), float("-inf"))
+        pattern = torch.softmax(scores, -1, dtype=torch.float32).to(x.dtype)
+        x = x + (pattern @ v).transpose(1, 2).reshape(batch, n, n_heads * d_head) @ attn.o_proj.weight.T
+        h = _rms_norm(x, layer.post_attention_layernorm.weight, eps, ln_rule=_ln(rules, "mlp"))
+        x = x + (F.silu(h @ mlp.gate_proj.weight.T) * (h @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    x = _rms_norm(x, hf.model.norm.weight, eps, ln_rule=_ln(rules, "final"))
+    return x @ hf.lm_head.weight.T
+
+
+def test_qk_norm_rule_on_qwen3():
+    """Qwen3's q_norm/k_norm are classified "qk"; ln_qk (and ln) match the float64 reference; ln_qk is
+    live; the kinds partition the norms."""
+    c = _qwen3_case()
+    kinds = norm_kinds(c.bridge)
+    assert {p for p, k in kinds.items() if k == "qk"} == {f"blocks.{i}.attn.{w}_norm" for i in (0, 1) for w in "qk"}
+    assert {p for p, k in kinds.items() if k == "attn"} == {"blocks.0.ln1", "blocks.1.ln1"}
+    assert rule_sites(c.bridge)["ln_qk"] == [p for p in kinds if kinds[p] == "qk"]
+    check_rules_live(c.bridge, resolve_rules(c.bridge, ["ln_qk"]), force=True)
+    for rules in (None, ("ln_qk",), ("ln",)):
+        logits, resid, (grad,), _ = bridge_gradient(c, rules)
+        x = resid.clone().requires_grad_(True)
+        ref_logits = qwen3_reference(c.ref, x, frozenset(rules or ()))
+        (ref_grad,) = torch.autograd.grad((ref_logits[0, -1] * c.direction).sum(), x)
+        assert_matches(logits, ref_logits.detach(), f"qwen3 {rules}: logits")
+        deviation = assert_matches(grad, ref_grad, f"qwen3 {rules}: gradient")
+        print(f"qwen3 {rules}: deviation {deviation:.1e}")
+        if rules is None:
+            plain = grad
+        elif rules == ("ln_qk",):  # not vacuous: the rule changes the gradient far beyond the tolerance
+            assert (grad - plain).abs().max() > 1e-2 * plain.abs().max()
+
+
+def test_norm_kinds_on_gemma2_with_post_sublayer_norms():
+    """Gemma-2 is pre-LN with extra norms on each sublayer's output (post_attention_layernorm,
+    post_feedforward_layernorm; the bridge's ln1_post, ln2_post): those are "post", ln1/ln2 "attn"/"mlp";
+    each kind's rule is live."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = relp.testing.tiny_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+        pad_token_id=1, architectures=["Gemma2ForCausalLM"],
+    )
+    model = relp.loading.bridge_from_hf(Gemma2ForCausalLM(config).eval(), tokenizer, name="tiny-gemma2")
+    expected = {"ln_final": "final"}
+    for i in (0, 1):
+        expected |= {f"blocks.{i}.ln1": "attn", f"blocks.{i}.ln1_post": "post", f"blocks.{i}.ln2": "mlp", f"blocks.{i}.ln2_post": "post"}
+    assert norm_kinds(model) == expected
+    for rule in ("ln_attn", "ln_mlp", "ln_post", "ln_final"):
+        check_rules_live(model, resolve_rules(model, [rule]), force=True)
