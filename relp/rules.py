@@ -5,24 +5,50 @@ it receives (bit for bit: ``y.detach() + (p - p.detach())`` adds an exact zero) 
 path ``p``. Under the rules, the gradient of a metric is the LRP propagation coefficient, and
 gradient x (clean - corrupted) is relevance patching.
 
-=========  =====================================  ===========================================================
-rule       acts on                                backward effect
-=========  =====================================  ===========================================================
-ln         every LayerNorm / RMSNorm              the normalising scale 1/std (1/rms) is a constant: no gradient
-                                                  through it; mean-centring (LayerNorm) stays
-identity   the MLP activation (GELU, SiLU, ...)   d act(x)/dx is replaced by act(x)/x (at x == 0 exactly, the
-                                                  plain derivative act'(0) is kept, which is the limit of
-                                                  act(x)/x for GELU and SiLU: never NaN)
-half       the gate product act(g) * u            each factor receives half of the gradient (uniform rule, N=2);
-                                                  only gated MLPs have this product
-ah         the attention pattern                  the pattern is a constant: relevance flows through V only
-attnlrp    queries, keys and values               AttnLRP: gradients reaching q and k are scaled by 1/4, v by 1/2
-=========  =====================================  ===========================================================
+============  =====================================  ===========================================================
+rule          acts on                                backward effect
+============  =====================================  ===========================================================
+ln            every LayerNorm / RMSNorm              the normalising scale 1/std (1/rms) is a constant: no gradient
+                                                     through it; mean-centring (LayerNorm) stays
+ln_attn       norms before attention (pre-LN ln1)    the LN-rule at those norms only; likewise ``ln_mlp`` (before
+ln_mlp        norms before the MLP (pre-LN ln2)      the MLP), ``ln_final`` (the final norm; BERT: the MLM head's),
+ln_final      the final norm                         ``ln_post`` (after a sublayer: BERT/RoBERTa's ln1 and ln2),
+ln_post       norms after a sublayer (post-LN)       ``ln_qk`` (query/key norms: Qwen3, OLMo-2, Gemma-3) and
+ln_qk         query/key norms                        ``ln_embed`` (BERT's embedding norm). Kinds come from each
+ln_embed      the embedding norm                     norm's position in the forward pass (:func:`norm_kinds`); a
+                                                     kind the model lacks is ``not_applicable``
+identity      the MLP activation (GELU, SiLU, ...)   d act(x)/dx is replaced by act(x)/x (at x == 0 exactly, the
+                                                     plain derivative act'(0) is kept, which is the limit of
+                                                     act(x)/x for GELU and SiLU: never NaN)
+identity_eps  the MLP activation                     the RelP authors' code: act(x) / (x + 1e-6 * (sign(x) +
+                                                     (x == 0))), so 0 at x == 0 and x moved 1e-6 away from 0
+                                                     elsewhere. Small: on SmolLM2-135M (float32; one IOI batch,
+                                                     11 prompts of 19 tokens; resid_pre, attn_out, mlp_out)
+                                                     max |RelP(relp) - RelP(relp_eps)| = 2.0e-5 x max |RelP|
+half          the gate product act(g) * u            each factor receives half of the gradient (uniform rule, N=2);
+                                                     only gated MLPs have this product
+ah            the attention pattern                  the pattern is a constant: relevance flows through V only
+attnlrp       queries, keys and values               AttnLRP: gradients reaching q and k are scaled by 1/4, v by 1/2
+softmax_t2    the attention softmax                  GIM's temperature-adjusted softmax gradient: backward of
+                                                     softmax(s/T), T = 2, times T (GIM's code drops the 1/T factor,
+                                                     and so does relp): g -> q * (g - <g, q>), q = softmax(s/2)
+============  =====================================  ===========================================================
 
-Presets (``PRESETS``) name rule sets; ``"relp"`` is the paper's (ln + identity + half).
+Exclusive pairs (a clear error): ``ah`` with ``attnlrp`` or ``softmax_t2``, ``identity`` with
+``identity_eps``. ``ln`` with an ``ln_<kind>`` rule is ``ln``. The pattern rules (``ah``, ``softmax_t2``)
+act at ``hook_pattern``, or, where the bridge ignores edits there (BERT-style), through an eager attention
+function. ``softmax_t2`` changes the gradient only as far as the patterns are far from uniform over their
+unmasked entries (for a uniform row softmax(s/2) = softmax(s)): on a freshly initialised random BERT
+(near-uniform attention) the liveness check rejects it.
+
+Presets (``PRESETS``) name rule sets; ``"relp"`` is the paper's (ln + identity + half; RelP,
+arXiv 2508.21258); ``"relp_eps"`` the same with the authors' stabilised Identity-rule; ``"gim"`` is GIM
+(Edin et al. 2025, arXiv 2505.17630): ln + attnlrp (q, k x1/4, v x1/2) + softmax_t2, activation
+derivatives untouched. AttnLRP: Achtibat et al. 2024, arXiv 2402.05602.
+:func:`rule_sites` lists where each rule acts on a given model.
 ``lrp_rules(model, "relp")`` registers the hooks for the duration of a ``with`` block, after checking
-on the actual model that every rule is live (changes the gradient where it should and leaves the forward
-values alone); hooks are removed on exit, also when an exception is raised.
+on the actual model that every rule is live at each kind of site it acts on (changes the gradient there,
+finitely, and leaves the forward values alone); hooks are removed on exit, also when an exception is raised.
 
 >>> from relp.testing import tiny_model
 >>> model = tiny_model("llama")
@@ -61,18 +87,48 @@ RULES: dict[str, Rule] = {
     r.name: r
     for r in (
         Rule("ln", "norm", "no gradient through the normalising scale of LayerNorm/RMSNorm"),
+        Rule("ln_attn", "norm", "LN-rule at the norms before attention only"),
+        Rule("ln_mlp", "norm", "LN-rule at the norms before the MLP only"),
+        Rule("ln_final", "norm", "LN-rule at the final norm only"),
+        Rule("ln_post", "norm", "LN-rule at the norms after a sublayer only (post-LN)"),
+        Rule("ln_qk", "norm", "LN-rule at the query/key norms only"),
+        Rule("ln_embed", "norm", "LN-rule at the embedding norm only"),
         Rule("identity", "mlp", "activation derivative replaced by act(x)/x"),
+        Rule("identity_eps", "mlp", "activation derivative replaced by act(x)/(x + 1e-6*(sign(x) + (x == 0)))"),
         Rule("half", "mlp", "each factor of the gate product act(g)*u gets half of the gradient"),
         Rule("ah", "attention", "attention pattern treated as a constant"),
         Rule("attnlrp", "attention", "gradient to q and k scaled by 1/4, to v by 1/2"),
+        Rule("softmax_t2", "attention", "attention softmax backward taken at temperature 2"),
     )
 }
+
+# The norm kinds, by where a norm sits (see norm_kinds), and the LN-rule restricted to each.
+NORM_KINDS = ("attn", "mlp", "final", "post", "qk", "embed")
+_NORM_RULES = {f"ln_{kind}": kind for kind in NORM_KINDS}
+_NORM_KIND_WORDS = {
+    "attn": "norm before attention (pre-LN)",
+    "mlp": "norm before the MLP (pre-LN)",
+    "final": "final norm",
+    "post": "norm after a sublayer (post-LN)",
+    "qk": "query/key norm",
+    "embed": "embedding norm",
+}
+# Pairs of rules that rewrite the same computation in incompatible ways.
+_EXCLUSIVE = (
+    ("ah", "attnlrp", "both act on attention"),
+    ("ah", "softmax_t2", "both rewrite the attention softmax's backward pass"),
+    ("identity", "identity_eps", "both replace the MLP activation's derivative"),
+)
+SOFTMAX_TEMPERATURE = 2.0  # softmax_t2 (GIM's default)
+IDENTITY_EPS = 1e-6  # identity_eps: the RelP authors' stabiliser
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "relp": ("ln", "identity", "half"),  # the paper's rule set, the default
     "relp+ah": ("ln", "identity", "half", "ah"),
     "attnlrp": ("ln", "identity", "half", "attnlrp"),
     "ln": ("ln",),
+    "relp_eps": ("ln", "identity_eps", "half"),  # relp with the RelP authors' stabilised Identity-rule
+    "gim": ("ln", "attnlrp", "softmax_t2"),  # GIM (arXiv 2505.17630): norms frozen, q/k/v scaled, softmax at T=2
     "gradient": (),  # no rule: plain gradients, i.e. attribution patching
 }
 DEFAULT_PRESET = "relp"
@@ -98,8 +154,11 @@ class RuleSet:
 def resolve_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET) -> RuleSet:
     """Resolve a preset name or an iterable of rule names against a model.
 
-    The Half-rule does not apply to models without a gated MLP (GPT-2, BERT); it is then recorded in
-    ``not_applicable`` instead of being an error, so the paper's preset works on every architecture.
+    The Half-rule does not apply to models without a gated MLP (GPT-2, BERT), nor an ``ln_<kind>`` rule
+    to a model without norms of that kind (:func:`norm_kinds`: ``ln_post`` on GPT-2, ``ln_attn`` on BERT);
+    they are then recorded in ``not_applicable`` with the reason instead of being an error, so the presets
+    work on every architecture. Unknown names and exclusive pairs (``ah`` with ``attnlrp`` or
+    ``softmax_t2``, ``identity`` with ``identity_eps``) raise ValueError.
     """
     if rules is None:
         names: tuple[str, ...] = ()
@@ -118,11 +177,17 @@ def resolve_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET) -> 
         unknown = [n for n in names if n not in RULES]
         if unknown:
             raise ValueError(f"unknown rule(s) {unknown}; expected names from {sorted(RULES)}")
-    if "ah" in names and "attnlrp" in names:
-        raise ValueError("rules 'ah' and 'attnlrp' both act on attention; choose one of them")
+    for a, b, why in _EXCLUSIVE:
+        if a in names and b in names:
+            raise ValueError(f"rules {a!r} and {b!r} {why}; choose one of them (got {list(names)})")
     not_applicable = {}
     if "half" in names and not model.cfg.gated_mlp:
         not_applicable["half"] = "the model has no gated MLP (no act(g) * u product)"
+    requested_kinds = {_NORM_RULES[n] for n in names if n in _NORM_RULES}
+    if requested_kinds:
+        present = set(norm_kinds(model).values())
+        for kind in sorted(requested_kinds - present):
+            not_applicable[f"ln_{kind}"] = f"the model has no {_NORM_KIND_WORDS[kind]}"
     active = tuple(dict.fromkeys(n for n in names if n not in not_applicable))
     return RuleSet(requested=tuple(names), active=active, not_applicable=not_applicable)
 
@@ -189,12 +254,100 @@ class _RmsNormRulePath(torch.autograd.Function):
 # Hook builders, one per site. Each returns (hook name, hook function) pairs for a model.
 
 
+def _norm_prefixes(names: HookNames) -> list[str]:
+    """The hook prefixes of the model's norms (every norm bridge has a ``hook_normalized``)."""
+    return [n[: -len(".hook_normalized")] for n in names if n.endswith(".hook_normalized")]
+
+
+_NORM_KIND_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def norm_kinds(model) -> dict[str, str]:
+    """Each norm's hook prefix -> its kind, from where it sits in the forward pass (cached per model).
+
+    Kinds (``NORM_KINDS``): ``"attn"``/``"mlp"``, a norm whose output is the input of the block's attention /
+    MLP and that runs after the previous sublayer has finished (pre-LN: GPT-2's and Llama's ``ln1``/``ln2``);
+    ``"qk"``, a norm run inside attention whose output is not attention's output (Qwen3's, OLMo-2's,
+    Gemma-3's ``attn.q_norm``/``attn.k_norm``); ``"post"``, any other norm inside a block: one run after
+    a sublayer started (BERT/RoBERTa's ``ln1`` and ``ln2``, which the bridge runs after attention and
+    after the MLP; Gemma-2's post-sublayer norms); outside the blocks, ``"embed"`` before the first block
+    (BERT's ``embed_ln``) and ``"final"`` after the last (``ln_final``). The order and the values come
+    from one probe forward pass (hook firing order, and ``torch.equal`` of a norm's output with a
+    sublayer's input); a model without the sublayers' ``hook_in`` points falls back to the names
+    (``ln1`` attn, ``ln2`` mlp, ``q_norm``/``k_norm`` qk, other block norms post).
+    """
+    if model in _NORM_KIND_CACHE:
+        return _NORM_KIND_CACHE[model]
+    names = model.hook_dict
+    prefixes = _norm_prefixes(names)
+    sublayers = [f"blocks.{layer}.{part}" for layer in range(model.cfg.n_layers) for part in ("attn", "mlp")]
+    points = [f"{p}.{h}" for p in (*prefixes, *sublayers) for h in ("hook_in", "hook_out")]
+    points += [f"blocks.{layer}.hook_in" for layer in range(model.cfg.n_layers)]
+    points = [p for p in points if p in names]
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    values: dict[str, torch.Tensor] = {}
+    counter = iter(range(1 << 30))
+
+    def record(name):
+        def hook(x, hook):
+            step = next(counter)
+            first.setdefault(name, step)
+            last[name] = step
+            if isinstance(x, torch.Tensor):
+                values[name] = x.detach()
+            return x
+
+        return hook
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(p, record(p)) for p in points]):
+        model(_probe_tokens(model)[0])
+
+    def same(a: str, b: str) -> bool:
+        x, y = values.get(a), values.get(b)
+        return x is not None and y is not None and x.shape == y.shape and torch.equal(x, y)
+
+    block_starts = [first[f"blocks.{layer}.hook_in"] for layer in range(model.cfg.n_layers) if f"blocks.{layer}.hook_in" in first]
+    kinds: dict[str, str] = {}
+    for prefix in prefixes:
+        start, end = first.get(f"{prefix}.hook_in"), last.get(f"{prefix}.hook_out")
+        if not prefix.startswith("blocks."):
+            before = start is not None and block_starts and start < min(block_starts)
+            kinds[prefix] = "embed" if before or (start is None and "embed" in prefix) else "final"
+            continue
+        layer = prefix.split(".")[1]
+        subs = {part: f"blocks.{layer}.{part}" for part in ("attn", "mlp")}
+        if start is None or end is None or any(f"{s}.hook_in" not in first for s in subs.values()):
+            leaf = prefix.rsplit(".", 1)[-1]
+            kinds[prefix] = {"ln1": "attn", "ln2": "mlp", "q_norm": "qk", "k_norm": "qk"}.get(leaf, "post")
+            continue
+        kind = "post"
+        for part, sub in subs.items():
+            sub_in, sub_out = first[f"{sub}.hook_in"], last.get(f"{sub}.hook_out", -1)
+            if sub_in < start and end < sub_out:  # run inside this sublayer
+                kind = "post" if same(f"{prefix}.hook_out", f"{sub}.hook_out") or part != "attn" else "qk"
+                break
+            # Pre-LN: run after every earlier sublayer of the block finished, its output the sublayer's input.
+            earlier_done = all(last.get(f"{s}.hook_out", -1) < start for s in subs.values() if first[f"{s}.hook_in"] < sub_in)
+            if end < sub_in and earlier_done and same(f"{prefix}.hook_out", f"{sub}.hook_in"):
+                kind = part
+                break
+        kinds[prefix] = kind
+    _NORM_KIND_CACHE[model] = kinds
+    return kinds
+
+
 def _norm_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
-    """LN-rule: rebuild each norm's output with the scale detached (value kept exactly)."""
-    if "ln" not in active:
+    """LN-rule: rebuild each norm's output with the scale detached (value kept exactly); ``ln`` at every
+    norm, ``ln_<kind>`` at the norms of that kind (:func:`norm_kinds`)."""
+    kinds = {_NORM_RULES[r] for r in active if r in _NORM_RULES}
+    if "ln" not in active and not kinds:
         return []
     hooks: list[Hook] = []
-    prefixes = [n[: -len(".hook_normalized")] for n in names if n.endswith(".hook_normalized")]
+    prefixes = _norm_prefixes(names)
+    if "ln" not in active:
+        of_kind = norm_kinds(model)
+        prefixes = [p for p in prefixes if of_kind.get(p) in kinds]
     for prefix in prefixes:
         module = model.get_submodule(prefix)
         inputs: dict[str, torch.Tensor] = {}
@@ -264,6 +417,14 @@ def identity_rule(
     return torch.where(zero, plain() if callable(plain) else plain, ratio * pre)
 
 
+def _eps_denominator(x: torch.Tensor) -> torch.Tensor:
+    """The RelP authors' stabilised denominator of the Identity-rule: ``x + 1e-6 * (sign(x) + (x == 0))``.
+
+    Never zero (at x == 0 it is 1e-6, so act(0)/1e-6 = 0 for GELU and SiLU: the gradient there is 0,
+    where ``identity`` keeps act'(0) = 1/2); elsewhere it moves x away from 0 by 1e-6 (in x's dtype)."""
+    return x + IDENTITY_EPS * (torch.sign(x) + (x == 0).to(x.dtype))
+
+
 def _gate_product(activation_path: torch.Tensor, activated: torch.Tensor, up: torch.Tensor, share: float) -> torch.Tensor:
     """The gate product act(g) * u as a gradient path in which each factor receives `share` of the gradient
     (1.0: the ordinary product rule). `activation_path` carries act(g)'s gradient path, `activated` its value."""
@@ -283,7 +444,8 @@ def half_rule(activation_path: torch.Tensor, activated: torch.Tensor, up: torch.
 def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
     """Identity- and Half-rule: rebuild the MLP hidden units (hook_post) from the captured inputs,
     composing :func:`identity_rule` (the activation) and :func:`half_rule` (the gate product)."""
-    identity, half = "identity" in active, "half" in active
+    identity_eps = "identity_eps" in active
+    identity, half = "identity" in active or identity_eps, "half" in active
     if not (identity or half):
         return []
     gated = bool(model.cfg.gated_mlp)
@@ -308,7 +470,7 @@ def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
                 # act(g) is recomputed once, for its value (HF's is inside the product post = act(g) * u;
                 # without a gate, post is act(pre)); no autograd path is built for it.
                 activated = act(pre.detach()) if gated else post.detach()
-                ratio = activated / pre.detach()
+                ratio = activated / (_eps_denominator(pre.detach()) if identity_eps else pre.detach())
                 # An exact zero makes act(0)/0 NaN (or inf), and so the sum; a sum of bounded ratios
                 # (act(x)/x lies in [-0.2, 1.2] for GELU and SiLU) is finite otherwise. One reduction.
                 if bool(torch.isfinite(ratio.sum())):
@@ -330,14 +492,50 @@ def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
     return hooks
 
 
+def softmax_temperature_path(pattern: torch.Tensor, temperature: float = SOFTMAX_TEMPERATURE) -> torch.Tensor:
+    """The attention pattern p = softmax(s) with the backward pass of softmax at `temperature` (GIM).
+
+    Forward: `pattern`, bit for bit. Backward: the gradient g reaching the pattern goes on to the scores
+    s as ``q * (g - <g, q>)`` with q = softmax(s / T), which is T times the Jacobian of softmax(s / T)
+    (GIM's released code drops the 1/T factor, and so does this; arXiv 2505.17630). Built from the
+    pattern alone: log p = s - logsumexp(s), so T * softmax(log(p) / T) is a path with that Jacobian
+    with respect to s (the Jacobian of softmax(s/T) annihilates the constant shift). Masked entries
+    (p == 0, also p underflowed to 0, whose weight at T would be below exp(-40)) get q = 0 and no NaN; a row
+    without a positive entry gets no gradient. Computed in float32 for float16/bfloat16 patterns.
+    """
+    work = pattern.float() if pattern.dtype in (torch.float16, torch.bfloat16) else pattern
+    positive = work > 0
+    log_p = torch.log(torch.where(positive, work, torch.ones_like(work)))
+    fill = torch.where(positive.any(-1, keepdim=True), float("-inf"), 0.0).to(work.dtype)
+    log_p = torch.where(positive, log_p, fill)
+    path = temperature * torch.softmax(log_p / temperature, dim=-1)
+    return _keep_value(pattern, path.to(pattern.dtype))
+
+
+# The transform each pattern rule applies to the attention pattern (at hook_pattern or in the fallback).
+_PATTERN_RULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "ah": torch.Tensor.detach,
+    "softmax_t2": softmax_temperature_path,
+}
+
+
+def _pattern_rule(active: Collection[str]) -> str | None:
+    """The one pattern rule in `active` (resolve_rules makes them exclusive), or None."""
+    found = [r for r in _PATTERN_RULES if r in active]
+    return found[0] if found else None
+
+
 def _attention_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
-    """AH-rule (pattern constant) or AttnLRP (q, k gradients x1/4, v x1/2)."""
+    """AH-rule (pattern constant) or softmax_t2 (softmax backward at T=2) at hook_pattern, where that hook
+    is live; AttnLRP (q, k gradients x1/4, v x1/2)."""
     hooks: list[Hook] = []
-    pattern_hook = "ah" in active and not _ah_in_attention_function(model, names)
+    pattern_rule = _pattern_rule(active)
+    pattern_hook = pattern_rule is not None and not _pattern_in_attention_function(model, names)
     for layer in range(model.cfg.n_layers):
         prefix = f"blocks.{layer}.attn"
         if pattern_hook:
-            hooks.append((f"{prefix}.hook_pattern", lambda x, hook: x.detach()))
+            transform = _PATTERN_RULES[pattern_rule]
+            hooks.append((f"{prefix}.hook_pattern", lambda x, hook, t=transform: t(x)))
         if "attnlrp" in active:
             for name, factor in (("q", 0.25), ("k", 0.25), ("v", 0.5)):
                 hooks.append((f"{prefix}.hook_{name}", lambda x, hook, f=factor: _ScaleGrad.apply(x, f)))
@@ -349,7 +547,7 @@ def _attention_hooks(model, active: frozenset[str], names: HookNames) -> list[Ho
 #
 # The bridge delegates BERT-style attention to the Hugging Face module and fires hook_pattern after
 # the output has been computed: an edit there is discarded (silently, for a value-preserving edit
-# such as .detach()). For those models the AH-rule is applied inside the attention computation
+# such as .detach()). For those models the pattern rules (AH, softmax_t2) act inside the attention computation
 # instead: a custom attention function, registered with transformers' AttentionInterface, computes
 # eager attention with the pattern passed through `_PATTERN_TRANSFORM`, and the HF configs are
 # switched to it for the duration of the rule context.
@@ -395,15 +593,16 @@ def _hf_configs(model) -> list:
 
 
 @contextlib.contextmanager
-def _pattern_constant_in_attention(model) -> Iterator[None]:
-    """AH-rule through the attention function: HF attention runs `_lrp_eager_attention` with a detached
-    pattern. Restores each config's attention implementation on exit."""
+def _pattern_transform_in_attention(model, transform: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """A pattern rule through the attention function: HF attention runs `_lrp_eager_attention` with the
+    pattern passed through `transform` (the AH-rule: ``detach``). Restores each config's attention
+    implementation on exit."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(_ATTENTION_NAME, _lrp_eager_attention)
     configs = _hf_configs(model)
     previous = [(config, config._attn_implementation) for config in configs]
-    token = _PATTERN_TRANSFORM.set(torch.Tensor.detach)
+    token = _PATTERN_TRANSFORM.set(transform)
     try:
         for config in configs:
             config._attn_implementation = _ATTENTION_NAME
@@ -435,8 +634,8 @@ def pattern_hook_is_live(model) -> bool:
     return _PATTERN_LIVE_CACHE[model]
 
 
-def _ah_in_attention_function(model, names: HookNames | None = None) -> bool:
-    """Where the AH-rule acts: True through the attention function (the pattern hook exists but is
+def _pattern_in_attention_function(model, names: HookNames | None = None) -> bool:
+    """Where the pattern rules (AH, softmax_t2) act: True through the attention function (the pattern hook exists but is
     ignored), False through ``hook_pattern`` (a model without that hook point at all gets the hook, and
     rule_hooks reports it as missing). `names`: the model's hook names, if already read."""
     names = model.hook_dict if names is None else names
@@ -447,9 +646,10 @@ def _attention_contexts(
     model, active: frozenset[str], names: HookNames | None = None
 ) -> list[Callable[[], contextlib.AbstractContextManager]]:
     """The contexts a rule set needs besides its hooks: they change how the forward pass is computed (the
-    AH-rule's attention function), which can change the last bits of its values (against SDPA, say)."""
-    if "ah" in active and _ah_in_attention_function(model, names):
-        return [lambda: _pattern_constant_in_attention(model)]
+    pattern rules' attention function), which can change the last bits of its values (against SDPA, say)."""
+    rule = _pattern_rule(active)
+    if rule is not None and _pattern_in_attention_function(model, names):
+        return [lambda: _pattern_transform_in_attention(model, _PATTERN_RULES[rule])]
     return []
 
 
@@ -476,7 +676,7 @@ def applied_rules(model, rules: RuleSet | Iterable[str], *, hooks: list[Hook] | 
     """Apply rules for the duration of a ``with`` block, without the liveness check: their hooks
     (or the given subset of them) and, where the architecture needs it, the attention fallback."""
     active = frozenset(rules.active if isinstance(rules, RuleSet) else rules)
-    names = model.hook_dict if hooks is None or "ah" in active else ()  # read once, for both uses below
+    names = model.hook_dict if hooks is None or _pattern_rule(active) else ()  # read once, for both uses below
     with contextlib.ExitStack() as stack:
         for context in _attention_contexts(model, active, names):
             stack.enter_context(context())
@@ -519,7 +719,10 @@ def _probe_tokens(model) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens.to(model.cfg.device), direction.to(model.cfg.device)
 
 
-def _probe(model, rules: Iterable[str], hooks: list[Hook], tokens: torch.Tensor, direction: torch.Tensor):
+def _probe(model, rules: Iterable[str], hooks: list[Hook], tokens: torch.Tensor, direction: torch.Tensor,
+           at: str = "blocks.0.hook_resid_pre"):
+    """Logits and the gradient of a random functional of the last position's logits with respect to the
+    activation at hook point `at`, under `rules` applied through `hooks` (and their contexts)."""
     store: dict[str, torch.Tensor] = {}
 
     def capture(x, hook):
@@ -527,8 +730,9 @@ def _probe(model, rules: Iterable[str], hooks: list[Hook], tokens: torch.Tensor,
         store["x"] = x
         return x
 
-    # enable_grad: the check must work when lrp_rules is entered inside torch.no_grad()
-    with torch.enable_grad(), model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", capture)]):
+    # enable_grad: the check must work when lrp_rules is entered inside torch.no_grad(). The capture is
+    # registered first, so a rule's hook at the same point sees (and builds on) the captured leaf.
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(at, capture)]):
         with applied_rules(model, rules, hooks=hooks):
             logits = model(tokens)
         target = (logits[0, -1].float() * direction).sum()
@@ -536,43 +740,67 @@ def _probe(model, rules: Iterable[str], hooks: list[Hook], tokens: torch.Tensor,
     return logits.detach(), grad
 
 
+def _site_parts(model, rule: str, hooks: list[Hook], names: HookNames) -> dict[str, list[Hook]]:
+    """A rule's hooks split by the kind of site they act on, each to be checked live on its own: attention
+    rules by hook point (q, k, v, pattern), norm rules by norm kind (attn, mlp, final, post, qk, embed)."""
+    site = RULES[rule].site
+    parts: dict[str, list[Hook]] = {}
+    kinds = norm_kinds(model) if site == "norm" else {}
+    for hook in hooks:
+        if site == "attention":
+            part = hook[0].rsplit(".", 1)[-1]
+        elif site == "norm":
+            part = f"{kinds.get(hook[0].rsplit('.', 1)[0], 'other')} norms"
+        else:
+            part = "all"
+        parts.setdefault(part, []).append(hook)
+    if _attention_contexts(model, frozenset([rule]), names):
+        parts.setdefault("attention function", [])  # the fallback acts without hooks
+    return parts
+
+
 def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
     """Raise RuleNotLiveError unless each active rule changes the gradient and keeps the forward values.
 
-    Runs one forward and backward pass per rule on a short random prompt (results cached per model).
-    The gradient is compared at positions after the first, since some models carry huge residual values
-    at the first token that can hide everything else.
+    Each kind of site a rule acts on is checked on its own (:func:`_site_parts`: the LN-rule at each kind
+    of norm, attention rules at q, k, v and the pattern), since an architecture may honour edits at some
+    hook points and ignore them at others: one forward and backward pass per site kind on a short random
+    prompt (results cached per model). The gradient, with respect to the residual stream entering block 0
+    (for embedding norms: the norm's input), must be finite and differ from the plain one. It is compared
+    at positions after the first, since some models carry huge residual values at the first token that can
+    hide everything else.
     """
     cache = _LIVENESS_CACHE.setdefault(model, set())
     todo = [r for r in rules.active if force or r not in cache]
     if not todo:
         return
     tokens, direction = _probe_tokens(model)
-    logits0, grad0 = _probe(model, [], [], tokens, direction)
-    grad0 = grad0[:, 1:]
+    plain: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     names = model.hook_dict
     for rule in todo:
         hooks = rule_hooks(model, [rule], names=names)
-        # Attention rules act through several hook points (q, k, v); each must be live on its own,
-        # since an architecture may honour edits of v but ignore those of q and k.
-        parts: dict[str, list[Hook]] = {}
-        for hook in hooks:
-            part = hook[0].rsplit(".", 1)[-1] if RULES[rule].site == "attention" else "all"
-            parts.setdefault(part, []).append(hook)
-        if _attention_contexts(model, frozenset([rule]), names):
-            parts.setdefault("attention function", [])  # the fallback acts without hooks
-        for part, part_hooks in parts.items():
-            logits, grad = _probe(model, [rule], part_hooks, tokens, direction)
+        for part, part_hooks in _site_parts(model, rule, hooks, names).items():
+            at = part_hooks[0][0] if part == "embed norms" else "blocks.0.hook_resid_pre"
+            if at not in plain:
+                logits0, grad0 = _probe(model, [], [], tokens, direction, at)
+                plain[at] = logits0, grad0[:, 1:]
+            logits0, grad0 = plain[at]
+            logits, grad = _probe(model, [rule], part_hooks, tokens, direction, at)
             grad = grad[:, 1:]
+            where = "" if part == "all" else f" at {part}"
             drift = (logits - logits0).abs().max().item()
-            if drift > 1e-5 * max(1.0, logits0.abs().max().item()):
+            if not drift <= 1e-5 * max(1.0, logits0.abs().max().item()):  # NaN fails too
                 raise RuleNotLiveError(
-                    f"rule {rule!r} changed the forward pass of {model.cfg.model_name} (max logit change "
+                    f"rule {rule!r}{where} changed the forward pass of {model.cfg.model_name} (max logit change "
                     f"{drift:.3g}); rules must change only the gradient"
+                )
+            if not bool(torch.isfinite(grad).all()):
+                raise RuleNotLiveError(
+                    f"rule {rule!r} ({RULES[rule].backward_effect}) gives a non-finite gradient{where} on "
+                    f"{model.cfg.model_name} ({model.cfg.architecture}); expected a finite gradient"
                 )
             change = (grad - grad0).abs().max().item()
             if not change > 1e-5 * grad0.abs().max().item():
-                where = "" if part == "all" else f" at {part}"
                 raise RuleNotLiveError(
                     f"rule {rule!r} ({RULES[rule].backward_effect}) does not change the gradient{where} on "
                     f"{model.cfg.model_name} ({model.cfg.architecture}): its hooks are ignored by this "
@@ -580,6 +808,27 @@ def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
                     + (" (BERT-style attention is delegated to Hugging Face)" if RULES[rule].site == "attention" else "")
                 )
         cache.add(rule)
+
+
+def rule_sites(model) -> dict[str, list[str]]:
+    """Where each rule of ``RULES`` acts on `model`: rule name -> the hook prefixes (module paths) of its hooks.
+
+    Norm rules list norms (``blocks.0.ln1``, ``ln_final``, ...), MLP rules the MLPs (``blocks.0.mlp``),
+    attention rules the attention modules (``blocks.0.attn``; ``blocks.0.attn (attention function)`` where
+    a pattern rule acts through the attention-function fallback, BERT-style). A rule that does not apply
+    to the model (``RuleSet.not_applicable``) has an empty list.
+    """
+    names = model.hook_dict
+    sites: dict[str, list[str]] = {}
+    for rule in RULES:
+        if rule not in resolve_rules(model, [rule]).active:
+            sites[rule] = []
+            continue
+        prefixes = dict.fromkeys(name.rsplit(".", 1)[0] for name, _ in rule_hooks(model, [rule], names=names))
+        if _attention_contexts(model, frozenset([rule]), names):
+            prefixes.update(dict.fromkeys(f"blocks.{layer}.attn (attention function)" for layer in range(model.cfg.n_layers)))
+        sites[rule] = list(prefixes)
+    return sites
 
 
 @contextlib.contextmanager

@@ -176,18 +176,54 @@ def _rms_norm(x, weight, eps, *, ln_rule: bool):
     return x / rms * weight
 
 
-def _activation(act, x, *, identity_rule: bool):
+def _activation(act, x, *, identity_rule: bool, identity_eps: bool = False):
     """act(x); Identity-rule: backward multiplies by act(x)/x instead of act'(x).
 
     At x == 0 exactly, act(x)/x is replaced by its limit, which for GELU, tanh-GELU and SiLU is 1/2 =
-    act'(0): the rule and the plain derivative agree there.
+    act'(0): the rule and the plain derivative agree there. `identity_eps` (the RelP authors' variant):
+    backward multiplies by act(x) / (x + 1e-6 * (sign(x) + (x == 0))), which is 0 at x == 0.
     """
     y = act(x)
+    if identity_eps:
+        ratio = (y / (x + 1e-6 * (torch.sign(x) + (x == 0).to(x.dtype)))).detach()
+        return x * ratio + (y - x * ratio).detach()  # value act(x), gradient the ratio
     if not identity_rule:
         return y
     zero = x == 0
     ratio = torch.where(zero, torch.full_like(x, 0.5), y / torch.where(zero, torch.ones_like(x), x))
     return x * ratio.detach()
+
+
+def _ln(rules, kind: str) -> bool:
+    """Whether the LN-rule applies at a norm of `kind`: rule ``ln`` (every norm) or ``ln_<kind>``."""
+    return "ln" in rules or f"ln_{kind}" in rules
+
+
+SOFTMAX_T = 2.0
+
+
+class _SoftmaxBackwardAtT(torch.autograd.Function):
+    """GIM's temperature rule, written out: forward `softmax(scores)` (the given function), backward
+    ``q * (g - <g, q>)`` with q = softmax(scores / T) computed from the scores (T x the Jacobian of
+    softmax(scores / T), as GIM's code; masked scores are -inf, so q = 0 there)."""
+
+    @staticmethod
+    def forward(ctx, scores, softmax):
+        ctx.save_for_backward(scores)
+        return softmax(scores)
+
+    @staticmethod
+    def backward(ctx, g):
+        (scores,) = ctx.saved_tensors
+        q = (scores / SOFTMAX_T).softmax(-1)
+        return q * (g - (g * q).sum(-1, keepdim=True)), None
+
+
+def _softmax(scores, rules, softmax=lambda s: s.softmax(-1)):
+    """The attention softmax; softmax_t2: its backward at temperature 2 (:class:`_SoftmaxBackwardAtT`)."""
+    if "softmax_t2" in rules:
+        return _SoftmaxBackwardAtT.apply(scores, softmax)
+    return softmax(scores)
 
 
 def _gate_product(a, u, *, half_rule: bool):
@@ -247,23 +283,22 @@ def gpt2_reference(hf, resid, rules=frozenset()):
     n_heads, eps = cfg.n_head, cfg.layer_norm_epsilon
     batch, n, d = resid.shape
     d_head = d // n_heads
-    ln = "ln" in rules
     x = resid
     for block in t.h:
-        h = _layer_norm(x, block.ln_1.weight, block.ln_1.bias, eps, ln_rule=ln)
+        h = _layer_norm(x, block.ln_1.weight, block.ln_1.bias, eps, ln_rule=_ln(rules, "attn"))
         qkv = h @ block.attn.c_attn.weight + block.attn.c_attn.bias
         q, k, v = (z.view(batch, n, n_heads, d_head).transpose(1, 2) for z in qkv.split(d, dim=-1))
         q, k, v = _attention_rule_qkv(q, k, v, rules)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d_head)
         scores = scores.masked_fill(~_causal_mask(n, x.device), float("-inf"))
-        pattern = _pattern_rule(scores.softmax(-1), rules)
+        pattern = _pattern_rule(_softmax(scores, rules), rules)
         z = (pattern @ v).transpose(1, 2).reshape(batch, n, d)
         x = x + z @ block.attn.c_proj.weight + block.attn.c_proj.bias
-        h = _layer_norm(x, block.ln_2.weight, block.ln_2.bias, eps, ln_rule=ln)
+        h = _layer_norm(x, block.ln_2.weight, block.ln_2.bias, eps, ln_rule=_ln(rules, "mlp"))
         pre = h @ block.mlp.c_fc.weight + block.mlp.c_fc.bias
-        post = _activation(_gelu_new, pre, identity_rule="identity" in rules)
+        post = _activation(_gelu_new, pre, identity_rule="identity" in rules, identity_eps="identity_eps" in rules)
         x = x + post @ block.mlp.c_proj.weight + block.mlp.c_proj.bias
-    x = _layer_norm(x, t.ln_f.weight, t.ln_f.bias, eps, ln_rule=ln)
+    x = _layer_norm(x, t.ln_f.weight, t.ln_f.bias, eps, ln_rule=_ln(rules, "final"))
     return x @ hf.lm_head.weight.T
 
 
@@ -302,11 +337,10 @@ def llama_reference(hf, resid, rules=frozenset()):
     batch, n, d = resid.shape
     d_head = d // n_heads
     cos, sin = (c.to(resid.dtype) for c in _rotary_cos_sin(cfg, n, d_head))
-    ln = "ln" in rules
     x = resid
     for layer in hf.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        h = _rms_norm(x, layer.input_layernorm.weight, eps, ln_rule=ln)
+        h = _rms_norm(x, layer.input_layernorm.weight, eps, ln_rule=_ln(rules, "attn"))
         q = (h @ attn.q_proj.weight.T).view(batch, n, n_heads, d_head).transpose(1, 2)
         k = (h @ attn.k_proj.weight.T).view(batch, n, n_kv, d_head).transpose(1, 2)
         v = (h @ attn.v_proj.weight.T).view(batch, n, n_kv, d_head).transpose(1, 2)
@@ -317,15 +351,16 @@ def llama_reference(hf, resid, rules=frozenset()):
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d_head)
         scores = scores.masked_fill(~_causal_mask(n, x.device), float("-inf"))
-        pattern = _pattern_rule(torch.softmax(scores, -1, dtype=torch.float32).to(x.dtype), rules)
+        softmax = lambda s: torch.softmax(s, -1, dtype=torch.float32).to(s.dtype)  # noqa: E731
+        pattern = _pattern_rule(_softmax(scores, rules, softmax), rules)
         z = (pattern @ v).transpose(1, 2).reshape(batch, n, d)
         x = x + z @ attn.o_proj.weight.T
-        h = _rms_norm(x, layer.post_attention_layernorm.weight, eps, ln_rule=ln)
+        h = _rms_norm(x, layer.post_attention_layernorm.weight, eps, ln_rule=_ln(rules, "mlp"))
         gate = h @ mlp.gate_proj.weight.T
         up = h @ mlp.up_proj.weight.T
-        a = _activation(F.silu, gate, identity_rule="identity" in rules)
+        a = _activation(F.silu, gate, identity_rule="identity" in rules, identity_eps="identity_eps" in rules)
         x = x + _gate_product(a, up, half_rule="half" in rules) @ mlp.down_proj.weight.T
-    x = _rms_norm(x, hf.model.norm.weight, eps, ln_rule=ln)
+    x = _rms_norm(x, hf.model.norm.weight, eps, ln_rule=_ln(rules, "final"))
     return x @ hf.lm_head.weight.T
 
 
@@ -349,7 +384,6 @@ def bert_reference(hf, resid, rules=frozenset()):
     n_heads, eps = cfg.num_attention_heads, cfg.layer_norm_eps
     batch, n, d = resid.shape
     d_head = d // n_heads
-    ln = "ln" in rules
     x = resid
     for layer in hf.bert.encoder.layer:
         sa, so = layer.attention.self, layer.attention.output
@@ -358,18 +392,18 @@ def bert_reference(hf, resid, rules=frozenset()):
             for lin in (sa.query, sa.key, sa.value)
         )
         q, k, v = _attention_rule_qkv(q, k, v, rules)
-        pattern = _pattern_rule(((q @ k.transpose(-1, -2)) / math.sqrt(d_head)).softmax(-1), rules)
+        pattern = _pattern_rule(_softmax((q @ k.transpose(-1, -2)) / math.sqrt(d_head), rules), rules)
         z = (pattern @ v).transpose(1, 2).reshape(batch, n, d)
         h = _layer_norm(x + F.linear(z, so.dense.weight, so.dense.bias), so.LayerNorm.weight,
-                        so.LayerNorm.bias, eps, ln_rule=ln)
+                        so.LayerNorm.bias, eps, ln_rule=_ln(rules, "post"))
         pre = F.linear(h, layer.intermediate.dense.weight, layer.intermediate.dense.bias)
-        post = _activation(_gelu_erf, pre, identity_rule="identity" in rules)
+        post = _activation(_gelu_erf, pre, identity_rule="identity" in rules, identity_eps="identity_eps" in rules)
         out = layer.output
         x = _layer_norm(h + F.linear(post, out.dense.weight, out.dense.bias), out.LayerNorm.weight,
-                        out.LayerNorm.bias, eps, ln_rule=ln)
+                        out.LayerNorm.bias, eps, ln_rule=_ln(rules, "post"))
     head = hf.cls.predictions
     t = _gelu_erf(F.linear(x, head.transform.dense.weight, head.transform.dense.bias))
-    t = _layer_norm(t, head.transform.LayerNorm.weight, head.transform.LayerNorm.bias, eps, ln_rule=ln)
+    t = _layer_norm(t, head.transform.LayerNorm.weight, head.transform.LayerNorm.bias, eps, ln_rule=_ln(rules, "final"))
     return F.linear(t, head.decoder.weight, head.decoder.bias)
 
 
