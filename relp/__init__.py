@@ -16,6 +16,7 @@ sentence embedding instead of logits::
     rp = relp.relevance_patching(encoder, clean, corrupted, metric)
 """
 
+from relp.checks import CostWarning
 from relp.circuits import Circuit, node_scores, select_circuit
 from relp.components import BLOCK_COMPONENTS, COMPONENTS
 from relp.faithfulness import (
@@ -53,6 +54,7 @@ from relp.tokens import to_tokens
 __all__ = [
     "ABLATIONS",
     "Circuit",
+    "CostWarning",
     "CircuitEvaluator",
     "MIB_PERCENTAGES",
     "cpr_cmd",
