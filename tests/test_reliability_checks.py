@@ -229,6 +229,8 @@ CLI_CASES = [
     ("ioi", ["--device", "gpu"], "--device 'gpu' is not a torch device"),
     ("ioi", ["--device", "cuda:7"], "--device cuda:7: this machine has"),
     ("ioi", ["--out", "__FILE__"], "is a file; expected a directory"),
+    ("ioi", ["--methods", "atp", "relp"], "compares methods with activation patching: keep 'ap' in --methods"),
+    ("embedding", ["--methods", "relp"], "compares methods with activation patching: keep 'ap' in --methods"),
     ("faithfulness", ["--n-prompts", "0"], "--n-prompts must be a positive number of prompts; got 0"),
     ("faithfulness", ["--n-eval", "0"], "--n-eval must be a positive number of held-out prompts; got 0"),
     ("faithfulness", ["--seeds", "0"], "--seeds must be a positive number of random circuits; got 0"),

@@ -48,13 +48,16 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, default_methods: li
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
 
 
-def parse_arguments(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+def parse_arguments(parser: argparse.ArgumentParser, argv=None, *, compares: str | None = None) -> argparse.Namespace:
     """Parse `argv` and check every argument (:func:`check_arguments`) before anything is loaded; a
-    mistaken one ends the program with argparse's one-line error (exit status 2), no traceback."""
+    mistaken one ends the program with argparse's one-line error (exit status 2), no traceback.
+    `compares` names an experiment that compares methods with the exact one (:func:`require_reference`)."""
     args = parser.parse_args(argv)
     try:
         check_arguments(args)
-    except ValueError as error:
+        if compares is not None:
+            require_reference(args.methods, compares)
+    except (ValueError, SystemExit) as error:
         parser.error(str(error))
     return args
 

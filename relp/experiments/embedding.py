@@ -136,7 +136,7 @@ def results_markdown(summary: dict, *, top_k: int = 10) -> str:
 
 
 def main(argv=None) -> dict:
-    return run(parse_arguments(build_parser(), argv))
+    return run(parse_arguments(build_parser(), argv, compares="embedding"))
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def results_markdown(summary: dict, *, top_k: int = 10) -> str:
 
 
 def main(argv=None) -> dict:
-    return run(parse_arguments(build_parser(), argv))
+    return run(parse_arguments(build_parser(), argv, compares="IOI"))
 
 
 if __name__ == "__main__":
