@@ -16,6 +16,7 @@ sentence embedding instead of logits::
     rp = relp.relevance_patching(encoder, clean, corrupted, metric)
 """
 
+from relp.checks import CostWarning
 from relp.circuits import Circuit, node_scores, select_circuit
 from relp.components import BLOCK_COMPONENTS, COMPONENTS
 from relp.faithfulness import (
@@ -56,6 +57,7 @@ from relp.ap_cache import cached_activation_patching
 __all__ = [
     "ABLATIONS",
     "Circuit",
+    "CostWarning",
     "CircuitEvaluator",
     "MIB_PERCENTAGES",
     "cpr_cmd",

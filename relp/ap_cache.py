@@ -17,7 +17,7 @@ The key is a SHA-256 over a canonical JSON description of:
   (metrics are callables; e.g. the IOI metric's answer ids and normalisation constants);
 * the components (in order), the layers, the direction, and every option except those that change
   nothing but the float rounding of the passes (:data:`NOT_IN_KEY`: ``batch_size``, ``progress``,
-  ``skip_early_layers``, ``reuse_prefix``); the device is not in the key either, for the same reason;
+  ``skip_early_layers``, ``reuse_prefix``, ``max_forward_passes``); the device is not in the key either, for the same reason;
 * `key_extra` (any JSON-able value) and :data:`FORMAT`.
 
 Files are ``<cache_dir>/ap-<model>-<key[:24]>.pt``, written atomically (a temporary file in the same
@@ -47,7 +47,7 @@ from relp.tokens import to_tokens
 #: Elements of each parameter whose bytes enter the key.
 SAMPLED_ELEMENTS = 1024
 #: Options of activation patching that change only float rounding, never what is computed.
-NOT_IN_KEY = ("batch_size", "progress", "skip_early_layers", "reuse_prefix")
+NOT_IN_KEY = ("batch_size", "progress", "skip_early_layers", "reuse_prefix", "max_forward_passes")
 #: Version of the key's description; bump it when the key or what AP computes changes.
 FORMAT = "relp.ap_cache/1"
 

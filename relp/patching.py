@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from relp.checks import activation_patching_cost, check_eval_mode, check_gradients_possible, warn_if_expensive
 from relp.components import BLOCK_COMPONENTS, Component, resolve_components, resolve_layers
 from relp.interventions import (
     PASS_OVERHEAD_ROWS,
@@ -70,10 +71,7 @@ class _Run:
 
 
 def _prepare(model, clean, corrupted, metric, components, direction, layers) -> _Run:
-    if model.training:
-        raise RuntimeError(
-            "the model is in training mode (dropout would make every score random); call model.eval() first"
-        )
+    check_eval_mode(model)  # every module, not only the root (model.blocks[0].train() enables dropout too)
     if not callable(metric):
         raise TypeError(
             f"metric must be a callable from the model's output (logits, or its readout's output) to a scalar; "
@@ -164,6 +162,7 @@ def activation_patching(
     reuse_prefix: bool = True,
     logits_to_keep: int | None = None,
     cells: Mapping[str, torch.Tensor] | None = None,
+    max_forward_passes: float | None = None,
 ) -> PatchingResult:
     """Exact patching: the metric's change when each cell is patched, one cell at a time.
 
@@ -187,10 +186,21 @@ def activation_patching(
     ``[layer, head, position]``, ``[layer, position, neuron]``); True selects a cell. Selected cells are
     scored exactly as without `cells` (same passes, unchanged cells exactly 0 without a pass); the
     others are NaN (not computed). ``metadata["cells_patched"]`` counts the cells that took a pass.
+
+    Before any run the cost is estimated (:func:`relp.checks.activation_patching_cost`: one forward
+    pass over the batch per cell, or per selected cell, plus two); above `max_forward_passes` (default
+    :data:`relp.checks.MAX_FORWARD_PASSES`, 10,000; ``math.inf`` never warns) a
+    :class:`relp.CostWarning` gives the estimate (``warnings.simplefilter("error", relp.CostWarning)``
+    turns it into an error raised before any forward pass).
     """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
     selected = None if cells is None else _check_cells(cells, run)
+    estimate = (
+        activation_patching_cost(model.cfg, run.components, run.layers, run.base.shape[1]) if selected is None
+        else sum(int(mask.sum()) for mask in selected.values()) + 2
+    )
+    warn_if_expensive(estimate, run.base.shape[0], max_forward_passes)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer (rows per forward pass) or None (from memory); got {batch_size!r}")
     if any(c.offset_template for c in run.components):
@@ -330,6 +340,7 @@ def _gradient_scores(
     run's logits are never read: only the last position's are computed. `logits_to_keep` is passed to the
     gradient run's :func:`relp.interventions.model_output`.
     """
+    check_gradients_possible("a gradient method (attribution or relevance patching)")
     if any(c.offset_template for c in run.components):
         check_resid_mid(model, run.layers, run.base)
     names = _read_names(run)

@@ -68,6 +68,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from relp.checks import check_rules_usable
+
 Hook = tuple[str, Callable]
 # The model's hook point names (aliases included), read once per call: on the bridge ``model.hook_dict``
 # is a property that rebuilds the registry with every alias on each read (~0.5 ms).
@@ -770,6 +772,7 @@ def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
     at positions after the first, since some models carry huge residual values at the first token that can
     hide everything else.
     """
+    check_rules_usable(model)  # training or inference mode: an error naming that, not a rule
     cache = _LIVENESS_CACHE.setdefault(model, set())
     todo = [r for r in rules.active if force or r not in cache]
     if not todo:
@@ -839,6 +842,7 @@ def lrp_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET, *, chec
     backward pass follows the rules. Yields the resolved RuleSet. Hooks are removed on exit, also when
     an exception is raised inside the block.
     """
+    check_rules_usable(model)  # training or inference mode: an error naming that, not a rule
     rule_set = resolve_rules(model, rules)
     if check:
         check_rules_live(model, rule_set)

@@ -202,11 +202,15 @@ def test_attribution_patching_is_exact_for_a_linear_metric(architecture, compone
 
 
 @pytest.mark.parametrize("method", ["activation_patching", "attribution_patching", "relevance_patching"])
-def test_float32_scores_match_float64(method):
-    """The float32 bridge path gives the same maps as float64 to float32 precision, for every method.
+def test_float32_scores_match_float64(method, float64_default):
+    """The float32 bridge path gives the same maps as float64 to float32 precision, for every method,
+    and the float64 maps are true: activation patching's equal transformer_lens.patching's (float64, the
+    same oracle as above); those of AtP and RelP are checked against the hand-written float64 reference
+    in float32 and float64 by test_gradient_methods_equal_the_textbook_reference below.
     (Same weights: both models come from one seeded float32 initialisation. The metric is a logit
     difference of size O(1): float32 rounds it at ~1e-7; observed differences are <= 5e-8, and the
     largest scores are ~1e-2, far above atol 1e-5.)"""
+    torch.set_default_dtype(torch.float32)  # both models, and their runs, as without the fixture
     model32 = tiny_model("llama", n_layers=2)
     model64 = tiny_model("llama", n_layers=2, dtype=torch.float64)
     clean, corrupted, metric = _prompts(model32)
@@ -214,6 +218,19 @@ def test_float32_scores_match_float64(method):
     components = ["resid_pre", "attn_out", "mlp_out"]
     s32 = getattr(relp, method)(model32, clean, corrupted, metric, components, **kwargs)
     s64 = getattr(relp, method)(model64, clean, corrupted, metric, components, **kwargs)
+    torch.set_default_dtype(torch.float64)  # transformer_lens.patching's results, for the oracle
+    if method == "activation_patching":
+        _, clean_cache = model64.run_with_cache(clean)
+        with torch.no_grad():
+            corrupted_value = metric(model64(corrupted))
+        for component, tl_function in [
+            ("resid_pre", tl_patching.get_act_patch_resid_pre),
+            ("attn_out", tl_patching.get_act_patch_attn_out),
+            ("mlp_out", tl_patching.get_act_patch_mlp_out),
+        ]:
+            oracle = tl_function(model64, corrupted, clean_cache, metric) - corrupted_value
+            torch.testing.assert_close(s64[component], oracle.double(), rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(s32[component].double(), oracle.double(), rtol=1e-4, atol=1e-5)
     for component in components:
         assert s32[component].dtype == torch.float32 and s64[component].dtype == torch.float64
         torch.testing.assert_close(s32[component].double(), s64[component], rtol=1e-4, atol=1e-5)
@@ -221,20 +238,76 @@ def test_float32_scores_match_float64(method):
 
 
 # ----------------------------------------------------------------------------------------------
-# Relevance patching: rules change the gradient, the Half-rule conserves relevance
+# AtP and RelP equal a hand-written reference; the Half-rule conserves relevance
 
 
-def test_relevance_patching_differs_from_attribution_and_records_rules():
-    model = tiny_model("llama")
-    clean, corrupted, metric = _prompts(model)
-    atp = relp.attribution_patching(model, clean, corrupted, metric)
-    rp = relp.relevance_patching(model, clean, corrupted, metric)
-    assert rp.rules == ("ln", "identity", "half") and atp.rules == ()
-    assert rp.method == "relevance_patching" and rp.label == "RelP"
-    assert not torch.allclose(rp["resid_pre"], atp["resid_pre"])
-    gradient_only = relp.relevance_patching(model, clean, corrupted, metric, rules="gradient")
-    for component in atp.components:
-        torch.testing.assert_close(gradient_only[component], atp[component])
+def _reference_prompts(c, n_prompts=2, seed=0):
+    """Prompts for a case of tests/test_rules_reference.py: its first token (BOS, CLS for BERT) first,
+    corrupted copies differing at positions 2 and 4, and answer / wrong token ids."""
+    g = torch.Generator().manual_seed(seed)
+    first, vocab = len(relp.testing.SPECIAL_TOKENS), c.bridge.cfg.d_vocab
+    clean = torch.randint(first, vocab, (n_prompts, c.tokens.shape[1]), generator=g)
+    clean[:, 0] = c.tokens[0, 0]
+    corrupted = clean.clone()
+    corrupted[:, [2, 4]] = torch.randint(first, vocab, (n_prompts, 2), generator=g)
+    answer, wrong = torch.randint(first, vocab, (2, n_prompts), generator=g)
+    return clean, corrupted, answer, wrong
+
+
+def _reference_resid_scores(c, clean, corrupted, answer, wrong, rules) -> torch.Tensor:
+    """The denoising score of ``blocks.0.hook_resid_pre`` per position, from the textbook float64
+    forward pass of tests/test_rules_reference.py under `rules`: ``(embed(clean) - embed(corrupted)) .
+    d LD / d resid`` at the corrupted run, summed over the batch and the hidden dimension, where LD is
+    the batch mean of logit[answer] - logit[wrong] at the last position."""
+    from test_rules_reference import EMBED, REFERENCE
+
+    with torch.no_grad():
+        source, base = EMBED[c.arch](c.ref, clean), EMBED[c.arch](c.ref, corrupted)
+    x = base.clone().requires_grad_(True)
+    logits = REFERENCE[c.arch](c.ref, x, frozenset(rules))[:, -1]
+    rows = torch.arange(len(answer))
+    (grad,) = torch.autograd.grad((logits[rows, answer] - logits[rows, wrong]).mean(), x)
+    return ((source - base) * grad).sum(dim=(0, 2))
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "bert"])
+def test_gradient_methods_equal_the_textbook_reference(architecture):
+    """AtP, RelP with no rule, and RelP with the paper's rules, at the residual stream entering block 0
+    (so the whole model's backward pass is in the score), equal the score computed by autograd through
+    the hand-written float64 forward passes of tests/test_rules_reference.py (the rules written the
+    textbook way). Float64 bridge: rtol 1e-9 as there (observed ~1e-15); float32 bridge (same weights up
+    to float32 rounding of the randomised ones): rtol 1e-4 and atol 1e-5 of the largest score, as
+    float32 rounding through two blocks gives ~1e-6."""
+    from test_rules_reference import case, case32, rule_names
+
+    c64 = case(architecture)
+    clean, corrupted, answer, wrong = _reference_prompts(c64)
+    metric = relp.LogitDiff(answer, wrong)
+    paper_rules = rule_names(c64, "relp")  # ln + identity (+ half on the gated Llama MLP)
+    expected = {
+        "atp": _reference_resid_scores(c64, clean, corrupted, answer, wrong, ()),
+        "relp": _reference_resid_scores(c64, clean, corrupted, answer, wrong, paper_rules),
+    }
+    # Not vacuous: the maps are far from zero, zero exactly where nothing changed (positions 0, 1, 3, 5,
+    # 6), and the rules change them far beyond the tolerance.
+    changed = torch.zeros(clean.shape[1], dtype=torch.bool)
+    changed[[2, 4]] = True
+    for scores in expected.values():
+        assert scores[changed].abs().min() > 1e-3 and (scores[~changed] == 0).all()
+    assert (expected["relp"] - expected["atp"]).abs().max() > 1e-2 * expected["atp"].abs().max()
+    for c, rtol, atol in ((c64, 1e-9, 1e-10), (case32(architecture), 1e-4, 1e-5)):
+        atp = relp.attribution_patching(c.bridge, clean, corrupted, metric, ["resid_pre"], layers=[0])
+        gradient = relp.relevance_patching(c.bridge, clean, corrupted, metric, ["resid_pre"], rules="gradient", layers=[0])
+        rp = relp.relevance_patching(c.bridge, clean, corrupted, metric, ["resid_pre"], layers=[0])
+        assert atp.rules == () and gradient.rules == () and set(rp.rules) == paper_rules
+        assert rp.method == "relevance_patching" and rp.label == "RelP" and atp.label == "AtP"
+        assert ("half" in rp.metadata["rules_not_applicable"]) is (architecture != "llama")
+        for result, key in ((atp, "atp"), (gradient, "atp"), (rp, "relp")):
+            scale = expected[key].abs().max().item()
+            torch.testing.assert_close(
+                result["resid_pre"][0].double(), expected[key], rtol=rtol, atol=atol * scale,
+                msg=lambda m: f"{architecture} {result.method} {result.rules} {c.bridge.cfg.dtype}: {m}",
+            )
 
 
 def test_half_rule_conserves_relevance_across_the_gate_product():

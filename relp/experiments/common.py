@@ -48,6 +48,85 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, default_methods: li
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv=None, *, compares: str | None = None) -> argparse.Namespace:
+    """Parse `argv` and check every argument (:func:`check_arguments`) before anything is loaded; a
+    mistaken one ends the program with argparse's one-line error (exit status 2), no traceback.
+    `compares` names an experiment that compares methods with the exact one (:func:`require_reference`)."""
+    args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+        if compares is not None:
+            require_reference(args.methods, compares)
+    except (ValueError, SystemExit) as error:
+        parser.error(str(error))
+    return args
+
+
+_POSITIVE = {  # argument -> what it counts (checked when the experiment has it)
+    "n_prompts": "prompts", "n_eval": "held-out prompts", "n_pairs": "contrast pairs", "seeds": "random circuits",
+    "top_k": "cells in the top-k overlap", "batch_size": "rows per forward pass",
+}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """ValueError naming the first mistaken argument of an experiment's parsed `args`, and what is
+    expected. Needs no model: rule names are checked against ``relp.rules.PRESETS``/``RULES``, component
+    names with ``relp.components.check_component_names``, template sets against
+    ``relp.tasks.TEMPLATE_SETS``, change kinds against ``relp.tasks.CONTRAST_CHANGES``."""
+    from relp.components import check_component_names
+    from relp.rules import PRESETS, RULES
+    from relp.tasks import CONTRAST_CHANGES, TEMPLATE_SETS
+
+    given = vars(args)
+    for name, counts in _POSITIVE.items():
+        value = given.get(name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of {counts}; got {value}")
+    if "rules" in given and given["rules"] not in PRESETS and given["rules"] not in RULES:
+        raise ValueError(
+            f"--rules {given['rules']!r} is neither a rule preset nor a rule; expected a preset from "
+            f"{sorted(PRESETS)} or a rule from {sorted(RULES)}"
+        )
+    if "components" in given:
+        try:
+            check_component_names(given["components"])
+        except ValueError as error:
+            raise ValueError(f"--components: {error}") from None
+    if "templates" in given and given["templates"] not in TEMPLATE_SETS:
+        raise ValueError(f"--templates {given['templates']!r} is not a template set; expected one of {sorted(TEMPLATE_SETS)}")
+    changes = given.get("changes")
+    if changes is not None and changes != ["all"]:
+        unknown = [c for c in changes if c not in CONTRAST_CHANGES]
+        if unknown or len(set(changes)) != len(changes):
+            raise ValueError(
+                f"--changes {' '.join(changes)}: expected 'all' or distinct kinds from {list(CONTRAST_CHANGES)}"
+                + (f"; unknown: {unknown}" if unknown else "")
+            )
+    if given.get("no_normalize") and given.get("pooling", "") is None:
+        raise ValueError("--no-normalize needs --pooling (the model's trained pooling fixes its own normalisation)")
+    percent = given.get("export_percent")
+    if percent is not None and not 0 < percent <= 100:
+        raise ValueError(f"--export-percent must be in (0, 100]; got {percent:g}")
+    if "device" in given:
+        _check_device(given["device"])
+    out = given.get("out")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; expected a directory (new or existing)")
+
+
+def _check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a torch device ({error}); expected e.g. cpu, cuda, cuda:1, mps") from None
+    if parsed.type == "cuda":
+        available = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= available or not available:
+            raise ValueError(f"--device {device}: this machine has {available} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+
+
 def require_reference(methods, experiment: str) -> None:
     """Agreement needs the exact method: a clear exit when it is not among `methods`."""
     reference = reference_method()

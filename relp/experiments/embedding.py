@@ -30,6 +30,7 @@ from relp.experiments.common import (
     add_method_arguments,
     agreement_markdown,
     finish,
+    parse_arguments,
     position_tables,
     require_reference,
     score_batches,
@@ -135,7 +136,7 @@ def results_markdown(summary: dict, *, top_k: int = 10) -> str:
 
 
 def main(argv=None) -> dict:
-    return run(build_parser().parse_args(argv))
+    return run(parse_arguments(build_parser(), argv, compares="embedding"))
 
 
 if __name__ == "__main__":

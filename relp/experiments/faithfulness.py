@@ -34,7 +34,14 @@ import torch
 
 import relp
 from relp.circuits import empty_circuit, select_circuit
-from relp.experiments.common import CORRUPTIONS, add_model_and_method_arguments, require_end_last, score_batches, versions
+from relp.experiments.common import (
+    CORRUPTIONS,
+    add_model_and_method_arguments,
+    parse_arguments,
+    require_end_last,
+    score_batches,
+    versions,
+)
 from relp.faithfulness import CircuitEvaluator, PooledEvaluator, cpr_cmd, random_baseline
 from relp.methods import method_label
 from relp.metrics import LogitDiff
@@ -233,7 +240,7 @@ def results_markdown(table: dict, run_info: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return run(build_parser().parse_args(argv))
+    return run(parse_arguments(build_parser(), argv))
 
 
 if __name__ == "__main__":

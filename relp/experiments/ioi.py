@@ -26,6 +26,7 @@ from relp.experiments.common import (
     add_model_and_method_arguments,
     agreement_markdown,
     finish,
+    parse_arguments,
     position_tables,
     require_end_last,
     require_reference,
@@ -141,7 +142,7 @@ def results_markdown(summary: dict, *, top_k: int = 10) -> str:
 
 
 def main(argv=None) -> dict:
-    return run(build_parser().parse_args(argv))
+    return run(parse_arguments(build_parser(), argv, compares="IOI"))
 
 
 if __name__ == "__main__":

@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Score every rule set of RULE_SETS on the run's pairs; returns {rule set: {component: {pearson,
     spearman}}} as written to ablation.json."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     run = Path(args.run)
-    info = json.loads((run / "results.json").read_text())
+    info = _read_run(parser, run)
     model = relp.load_model(info["model"])
     embedding = SentenceEmbedding(info["pooling"], info["normalize"])
     changes = info["changes"]
@@ -64,6 +65,25 @@ def main(argv=None) -> dict:
         print(f"{name:24s}" + "  ".join(f"{c} {v['pearson']:.3f}/{v['spearman']:.3f}" for c, v in table[name].items()), flush=True)
     (run / "ablation.json").write_text(json.dumps(table, indent=1))
     return table
+
+
+def _read_run(parser: argparse.ArgumentParser, run: Path) -> dict:
+    """The run's results.json, checked before the model is loaded (argparse's one-line error if the
+    directory is not a finished `relp embedding` run)."""
+    results = run / "results.json"
+    if not results.is_file():
+        parser.error(f"{run} is not a finished `relp embedding` run: expected {results} (and scores/)")
+    try:
+        info = json.loads(results.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        parser.error(f"{results} is not valid JSON ({error})")
+    missing = [k for k in ("model", "pooling", "normalize", "changes", "n_prompts", "seed", "components") if k not in info]
+    if missing:
+        parser.error(f"{results} is not from `relp embedding`: it lacks {missing}")
+    scores = run / "scores" / "ap_batch0.pt"
+    if not scores.is_file():
+        parser.error(f"{run} has no activation patching scores: expected {scores} (run `relp embedding` with ap in --methods)")
+    return info
 
 
 if __name__ == "__main__":

@@ -225,6 +225,22 @@ class Template:
         return text, ends
 
 
+def _template_text(item) -> str:
+    """`item` of a template list that is not a template id: template text, or a clear error when it is
+    an unknown id, a set name or not a string (rather than a parse error of the name as text)."""
+    if not isinstance(item, str):
+        raise TypeError(f"templates must be template ids or template strings; got {type(item).__name__} {item!r}")
+    if _SLOT.search(item) is None:
+        ids = f"ids {next(iter(TEMPLATES))} ... {next(reversed(TEMPLATES))} (relp.tasks.TEMPLATES)"
+        if item in TEMPLATE_SETS:
+            raise ValueError(f"{item!r} is a template set, not a template: pass templates={item!r} (a string), not in a list")
+        raise ValueError(
+            f"unknown template {item!r}: not a template id and not template text (no [A], [B], [PLACE] or [OBJECT] slot); expected "
+            f"{ids} or text such as 'Then, [B] and [A] went to the [PLACE]. [B] gave the [OBJECT] to'"
+        )
+    return item
+
+
 def resolve_templates(templates: str | Sequence[str] = "all") -> list[Template]:
     """Parsed templates for a set name ("all", "mixed", "baba", "abba", "long", "baba_long",
     "abba_long"), or for a list of template ids (keys of TEMPLATES) and/or template strings."""
@@ -235,7 +251,7 @@ def resolve_templates(templates: str | Sequence[str] = "all") -> list[Template]:
             )
         return [Template.parse(key, TEMPLATES[key]) for key in TEMPLATE_SETS[templates]]
     parsed = [
-        Template.parse(item, TEMPLATES[item]) if item in TEMPLATES else Template.parse(f"custom_{i:02d}", item)
+        Template.parse(item, TEMPLATES[item]) if item in TEMPLATES else Template.parse(f"custom_{i:02d}", _template_text(item))
         for i, item in enumerate(templates)
     ]
     if not parsed:
