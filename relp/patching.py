@@ -47,7 +47,7 @@ from relp.interventions import (
     rows_per_pass,
     run_stacked,
 )
-from relp.methods import Cost, register_method
+from relp.methods import Cost, register_method, register_preset
 from relp.metrics import check_metric_value, metric_name
 from relp.results import PatchingResult
 from relp.rules import DEFAULT_PRESET, RuleSet, applied_rules, check_rules_live, resolve_rules, rule_forward_contexts
@@ -448,3 +448,14 @@ def relevance_patching(
         model, run, scores, "relevance_patching", metric, rule_set.active, start,
         base_metric=base_value, rules_not_applicable=rule_set.not_applicable, forward_equivalents=4,
     )
+
+
+# Presets of relevance patching: rule sets that are methods of their own in studies and tables.
+register_preset(
+    "gim", "relp", {"rules": "gim"}, label="GIM", color="tab:olive",
+    display_name="GIM (LN frozen, q/k x1/4, v x1/2, softmax backward at T=2)",
+)
+register_preset(
+    "relp_eps", "relp", {"rules": "relp_eps"}, label="RelP-eps", color="lightcoral",
+    display_name="relevance patching with the authors' Identity-rule stabiliser",
+)

@@ -96,3 +96,25 @@ def test_second_run_loads_activation_patching_from_the_cache(study, name):
         for component in a.scores:
             assert torch.equal(a[component], b[component])
     assert not (second / "pareto.png").exists()
+
+
+def test_rule_sites_split_the_preset_into_sites_that_add_up_to_it(study):
+    """With --rule-sites, "all" (the preset split into its sites: each kind of norm, the Identity- and
+    Half-rule) must give exactly the agreement of RelP with the preset itself, and leaving a site out must
+    change the scores of at least one component."""
+    out = study["root"] / "sites"
+    args = build_parser().parse_args(
+        ["--studies", "ioi-s2_io_flip", "--methods", "ap", "relp", "--n-prompts", "4", "--rule-sites",
+         "--ap-cache", str(study["root"] / "cache"), "--out", str(out), "--no-figures"]
+    )
+    summary = run(args, model=study["model"])
+    study_summary = summary["studies"]["ioi-s2_io_flip"]
+    sites = study_summary["rule_sites"]
+    assert set(sites["sites"]) == {"ln_attn", "ln_mlp", "ln_final", "identity", "half"}  # a tiny Llama
+    for component, row in sites["all"].items():
+        assert row["pearson"] == study_summary["agreement"]["relp"][component]["pearson"]
+        assert row["spearman"] == study_summary["agreement"]["relp"][component]["spearman"]
+    for site in sites["sites"]:
+        without = sites[f"without {site}"]
+        assert any(abs(v["delta_pearson"]) > 1e-9 for v in without.values()), site
+    assert "without ln_final" in (out / "ioi-s2_io_flip" / "results.md").read_text()

@@ -192,6 +192,7 @@ def run_study(name: str, model, jobs: list, components: list[str], methods: list
             traceback.print_exc()
     summary = summarise_study(results, top_k=args.top_k)
     summary["errors"] = errors
+    summary["relp_options"] = get_method("relp").experiment_options(settings)
     summary["results"] = results
     return summary
 
@@ -238,10 +239,11 @@ def _total_cost(method_results) -> float | None:
 # Where each rule acts: RelP with one rule site left out
 
 
-def rule_site_study(model, jobs, components, ap_results, *, preset: str, top_k: int) -> dict:
+def rule_site_study(model, jobs, components, ap_results, *, preset: str, top_k: int, options: dict | None = None) -> dict:
     """{left-out site: {component: {pearson, spearman, top_k, delta_pearson, delta_spearman}}}, plus
     ``sites``: the hook points each rule site acts on in this model. The deltas are the agreement of
-    the full preset minus that without the site (positive: the site helps)."""
+    the full preset minus that without the site (positive: the site helps). `options`: what relevance
+    patching receives in the study besides its rules (``logits_to_keep`` for IOI)."""
     from relp.rules import resolve_rules, rule_sites
 
     sites = rule_sites(model)
@@ -255,7 +257,7 @@ def rule_site_study(model, jobs, components, ap_results, *, preset: str, top_k: 
     table: dict = {"sites": {s: sites[s] for s in expanded}, "preset": preset, "rules": full}
 
     def scored(rules):
-        rs = [relp.relevance_patching(model, b.clean_tokens, b.corrupted_tokens, m, components, rules=list(rules))
+        rs = [relp.relevance_patching(model, b.clean_tokens, b.corrupted_tokens, m, components, rules=list(rules), **(options or {}))
               for b, m, _ in jobs]
         frame = relp.agreement(rs, ap_results, top_k=top_k)
         return {c: {"pearson": row.pearson, "spearman": row.spearman, "top_k": row.top_k_overlap} for c, row in frame.iterrows()}
@@ -334,8 +336,6 @@ def run(args: argparse.Namespace, *, model=None, encoder=None) -> dict:
     Returns the top-level summary (also written to results.json)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.n_prompts < 1 or args.n_pairs < 1:
-        raise SystemExit(f"--n-prompts and --n-pairs must be at least 1; got {args.n_prompts} and {args.n_pairs}")
     if reference_method().key not in args.methods:
         args.methods = [reference_method().key, *args.methods]
     cache_dir = Path(args.ap_cache) if args.ap_cache else relp.default_cache_dir() / "activation_patching"
@@ -355,9 +355,11 @@ def run(args: argparse.Namespace, *, model=None, encoder=None) -> dict:
             jobs, facts = contrast_jobs(encoder, args.n_pairs, args.seed)
         study = run_study(name, study_model, jobs, components, args.methods, args, cache_dir=cache_dir)
         study = {"model": str(study_model.cfg.model_name), "components": components, **facts, **study}
+        relp_options = {k: v for k, v in study.pop("relp_options").items() if k != "rules"}
         if args.rule_sites:
             study["rule_sites"] = rule_site_study(
-                study_model, jobs, components, study["results"][reference_method().key], preset=args.rules, top_k=args.top_k
+                study_model, jobs, components, study["results"][reference_method().key], preset=args.rules,
+                top_k=args.top_k, options=relp_options,
             )
         write_study(out / name, name, study, figures=not args.no_figures)
         summary["studies"][name] = study
@@ -369,8 +371,26 @@ def run(args: argparse.Namespace, *, model=None, encoder=None) -> dict:
     return summary
 
 
+def parse(argv=None) -> argparse.Namespace:
+    """Parsed and checked arguments (every mistake is one line, before anything loads)."""
+    from relp.components import check_component_names
+    from relp.experiments.common import parse_arguments
+
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
+    try:
+        check_component_names(args.encoder_components)
+    except ValueError as error:
+        parser.error(f"--encoder-components: {error}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be a positive number of integration steps; got {args.steps}")
+    if args.k is not None and not (args.k > 0 and (args.k < 1 or float(args.k).is_integer())):
+        parser.error(f"--k must be a fraction in (0, 1) or a whole number of cells; got {args.k}")
+    return args
+
+
 def main(argv=None) -> dict:
-    return run(build_parser().parse_args(argv))
+    return run(parse(argv))
 
 
 if __name__ == "__main__":
