@@ -46,7 +46,7 @@ from relp.loading import (
     load_model,
 )
 from relp.patching import activation_patching, attribution_patching, relevance_patching
-from relp.results import PatchingResult, pool_results
+from relp.results import PatchingResult, ResultFileError, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
 from relp.tokens import to_tokens
 
@@ -79,6 +79,7 @@ __all__ = [
     "NormalizedLogitDiff",
     "PRESETS",
     "PatchingResult",
+    "ResultFileError",
     "ProbDiff",
     "RULES",
     "RuleNotLiveError",
