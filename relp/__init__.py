@@ -48,7 +48,7 @@ from relp.loading import (
 )
 from relp.patching import activation_patching, attribution_patching, relevance_patching
 from relp.atp_star import atp_star
-from relp.results import PatchingResult, pool_results
+from relp.results import PatchingResult, ResultFileError, pool_results
 from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
 from relp.tokens import to_tokens
 from relp.verification import estimate_then_verify, verify
@@ -84,6 +84,7 @@ __all__ = [
     "NormalizedLogitDiff",
     "PRESETS",
     "PatchingResult",
+    "ResultFileError",
     "ProbDiff",
     "RULES",
     "RuleNotLiveError",

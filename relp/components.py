@@ -55,6 +55,7 @@ pre-softmax score, so :func:`relp.atp_star.atp_star`'s QK-fix refuses them.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -186,6 +187,11 @@ def check_component_names(names: Sequence[str]) -> None:
 def resolve_components(components: str | Iterable[str], model=None) -> list[Component]:
     """Component objects for names; a clear error for an unknown name, an empty selection, or a
     component the model does not have."""
+    if components is None or not isinstance(components, (str, Iterable)):
+        raise TypeError(
+            f"components must be a component name or an iterable of names from {sorted(COMPONENTS)}; "
+            f"got {components!r}"
+        )
     names: Sequence[str] = [components] if isinstance(components, str) else list(components)
     check_component_names(names)
     if model is not None and "resid_mid" in names and getattr(model.cfg, "parallel_attn_mlp", False):
@@ -208,7 +214,16 @@ def resolve_layers(model, layers: Iterable[int] | None) -> list[int]:
     n_layers = model.cfg.n_layers
     if layers is None:
         return list(range(n_layers))
-    chosen = [int(layer) for layer in layers]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(
+            f"layers must be an iterable of layer indices (e.g. [{layers!r}]) or None (all layers); got "
+            f"{type(layers).__name__} {layers!r}"
+        )
+    chosen = list(layers)
+    not_ints = [layer for layer in chosen if isinstance(layer, bool) or not isinstance(layer, numbers.Integral)]
+    if not_ints:
+        raise TypeError(f"layers must be integer layer indices; got {not_ints!r} in {chosen!r}")
+    chosen = [int(layer) for layer in chosen]
     bad = [layer for layer in chosen if not 0 <= layer < n_layers]
     if bad or not chosen:
         raise ValueError(f"layers {chosen} out of range; the model has layers 0..{n_layers - 1}")

@@ -15,6 +15,8 @@ tensor(2.)
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,32 +27,88 @@ from relp.embeddings import SentenceEmbedding
 from relp.tokens import to_tokens
 
 
+def _integer_tensor(values, name: str, what: str) -> torch.Tensor:
+    """`values` (an int, a sequence of ints, an integer tensor or array) as an int64 tensor, else a clear
+    error: strings, floats (even whole ones: a float id is a mistake, not a rounding) and bools are refused."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be {what} (ints); got the string {values!r}")
+    if isinstance(values, torch.Tensor):
+        tensor = values
+    else:
+        array = np.asarray(values)
+        if array.dtype.kind in "OUS":
+            raise TypeError(f"{name} must be {what} (ints); got {values!r:.200}")
+        tensor = torch.as_tensor(array)
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise TypeError(
+            f"{name} must be {what}, integers; got dtype {tensor.dtype} ({values!r:.200}). Float ids are not "
+            "truncated: convert them yourself if that is what you mean."
+        )
+    return tensor.long()
+
+
+def _check_ids_arg(ids, name: str) -> None:
+    """At construction: token ids must be integers (see :func:`_integer_tensor`) and not negative."""
+    tensor = _integer_tensor(ids, name, "token ids (one per prompt, or one for all)")
+    if tensor.numel() and int(tensor.min()) < 0:
+        raise ValueError(f"{name} must be token ids in 0..vocab-1; got {int(tensor.min())} in {ids!r:.200}")
+
+
+def _check_position_arg(position) -> None:
+    if isinstance(position, bool) or not (isinstance(position, (numbers.Integral, torch.Tensor, np.ndarray, list, tuple))):
+        raise TypeError(f"position must be an int or one index per prompt; got {type(position).__name__} {position!r}")
+    if not isinstance(position, numbers.Integral):
+        _integer_tensor(position, "position", "one position index per prompt")
+
+
 def _select_position(logits: Float[torch.Tensor, "batch pos vocab"], position) -> torch.Tensor:
     if logits.ndim != 3:
         raise ValueError(f"metrics expect logits [batch, pos, vocab]; got shape {tuple(logits.shape)}")
-    if isinstance(position, int):
-        return logits[:, position]
-    position = torch.as_tensor(position, device=logits.device)
+    n_positions = logits.shape[1]
+    if isinstance(position, numbers.Integral) and not isinstance(position, bool):
+        if not -n_positions <= position < n_positions:
+            raise IndexError(
+                f"position {position} is out of range for logits of {n_positions} positions; expected "
+                f"-{n_positions}..{n_positions - 1}"
+            )
+        return logits[:, int(position)]
+    position = _integer_tensor(position, "position", "an int or one position index per prompt").to(logits.device)
     if position.shape != (logits.shape[0],):
         raise ValueError(f"position must be an int or one index per prompt [{logits.shape[0]}]; got {tuple(position.shape)}")
+    if position.numel() and not (-n_positions <= int(position.min()) and int(position.max()) < n_positions):
+        raise IndexError(
+            f"positions range from {int(position.min())} to {int(position.max())}, out of range for logits of "
+            f"{n_positions} positions; expected -{n_positions}..{n_positions - 1}"
+        )
     return logits[torch.arange(logits.shape[0], device=logits.device), position]
 
 
-def _as_ids(ids, batch: int, name: str, device) -> torch.Tensor:
-    ids = torch.as_tensor(ids, device=device).long()
+def _as_ids(ids, batch: int, name: str, device, vocab: int | None = None) -> torch.Tensor:
+    ids = _integer_tensor(ids, name, "token ids (one per prompt, or one for all)").to(device)
     if ids.ndim == 0:
         ids = ids.expand(batch)
     if ids.shape != (batch,):
         raise ValueError(f"{name} must hold one token id per prompt [{batch}]; got shape {tuple(ids.shape)}")
+    if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(
+            f"{name} ids range from {int(ids.min())} to {int(ids.max())}; expected token ids in 0..{vocab - 1} "
+            f"(the logits have {vocab} entries)"
+        )
     return ids
 
 
 def _answer_minus_wrong(values: Float[torch.Tensor, "batch vocab"], answer, wrong) -> Float[torch.Tensor, " batch"]:
     """values[i, answer[i]] - values[i, wrong[i]] for each prompt i (ids: one per prompt, or one for all)."""
-    batch = values.shape[0]
-    answer = _as_ids(answer, batch, "answer", values.device)
-    wrong = _as_ids(wrong, batch, "wrong", values.device)
+    batch, vocab = values.shape
+    answer = _as_ids(answer, batch, "answer", values.device, vocab)
+    wrong = _as_ids(wrong, batch, "wrong", values.device, vocab)
     return values.gather(1, answer[:, None])[:, 0] - values.gather(1, wrong[:, None])[:, 0]
+
+
+def _check_answer_args(metric) -> None:
+    _check_ids_arg(metric.answer, "answer")
+    _check_ids_arg(metric.wrong, "wrong")
+    _check_position_arg(metric.position)
 
 
 @dataclass
@@ -61,6 +119,9 @@ class LogitDiff:
     wrong: Int[torch.Tensor, " batch"]
     position: int | torch.Tensor = -1
     name: str = "logit_diff"
+
+    def __post_init__(self):
+        _check_answer_args(self)
 
     def per_prompt(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, " batch"]:
         return _answer_minus_wrong(_select_position(logits, self.position), self.answer, self.wrong)
@@ -84,6 +145,7 @@ class NormalizedLogitDiff:
     name: str = "normalized_logit_diff"
 
     def __post_init__(self):
+        _check_answer_args(self)
         if not abs(self.clean_value - self.corrupted_value) > 1e-6:
             raise ValueError(
                 f"clean and corrupted logit differences are equal ({self.clean_value:.6g}); the "
@@ -111,6 +173,9 @@ class ProbDiff:
     wrong: Int[torch.Tensor, " batch"]
     position: int | torch.Tensor = -1
     name: str = "prob_diff"
+
+    def __post_init__(self):
+        _check_answer_args(self)
 
     def __call__(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, ""]:
         probs = _select_position(logits, self.position).float().softmax(-1)
@@ -260,6 +325,11 @@ def check_metric_value(value, metric, where: str) -> torch.Tensor:
     """The metric's value as a 0-d tensor, or a clear error for a non-scalar or non-finite value."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"metric {metric_name(metric)} returned {type(value).__name__} on {where}; expected a scalar tensor")
+    if not value.is_floating_point():
+        raise TypeError(
+            f"metric {metric_name(metric)} returned a {value.dtype} tensor on {where}; expected a floating-point "
+            "scalar (a comparison or a count has no gradient and no meaningful difference)"
+        )
     if value.numel() != 1:
         raise ValueError(
             f"metric {metric_name(metric)} returned shape {tuple(value.shape)} on {where}; expected a scalar "
@@ -275,7 +345,10 @@ def check_metric_value(value, metric, where: str) -> torch.Tensor:
 
 
 def _top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    k = min(k, a.size)
+    """Fraction of the k largest-|score| cells shared; NaN when k >= the number of cells (every cell is
+    then in both top-k sets, and an overlap of 1.0 would say nothing)."""
+    if k >= a.size:
+        return float("nan")
     top_a = set(np.argsort(-np.abs(a), kind="stable")[:k])
     top_b = set(np.argsort(-np.abs(b), kind="stable")[:k])
     return len(top_a & top_b) / k
@@ -291,9 +364,16 @@ def agreement(result, reference, *, top_k: int = 10):
     ``top_k_overlap`` (fraction of the k largest-|score| cells shared), ``pearson_without_max`` (Pearson
     with the single largest-|reference| cell left out: one outlier cell can decide Pearson on its own)
     and ``n_cells``.
+
+    `top_k` must be a positive integer. A component with at most `top_k` cells gets a ``top_k_overlap``
+    of NaN, with a warning: every cell is then in both top-k sets, and the overlap would be 1.0 whatever
+    the scores.
     """
     import pandas as pd
     from scipy import stats
+
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer (how many of the largest-|score| cells to compare); got {top_k!r}")
 
     results = list(result) if isinstance(result, (list, tuple)) else [result]
     references = list(reference) if isinstance(reference, (list, tuple)) else [reference]
@@ -322,6 +402,14 @@ def agreement(result, reference, *, top_k: int = 10):
             "pearson_without_max": _correlation(stats.pearsonr, a[keep], b[keep]),
             "n_cells": a.size,
         }
+    trivial = [c for c, row in rows.items() if row["n_cells"] <= top_k]
+    if trivial:
+        warnings.warn(
+            f"top_k={top_k} is at least the number of cells of {trivial} "
+            f"({[rows[c]['n_cells'] for c in trivial]} cells): their top_k_overlap is reported as NaN "
+            "(every cell would be in both top-k sets)",
+            stacklevel=2,
+        )
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "component"
     table.attrs["top_k"] = top_k

@@ -70,7 +70,22 @@ class _Run:
     direction: str
 
 
+def _check_model(model) -> None:
+    """A clear error for anything that is not a TransformerLens bridge (None, a raw Hugging Face model)."""
+    if all(hasattr(model, attr) for attr in ("cfg", "hooks", "to_tokens", "run_with_hooks")):
+        return
+    given = "None" if model is None else f"a {type(model).__module__}.{type(model).__qualname__}"
+    hint = (
+        "; wrap a Hugging Face model with relp.load_model(hf_model, tokenizer=tokenizer)"
+        if hasattr(model, "config") and hasattr(model, "forward") else ""
+    )
+    raise TypeError(
+        f"model must be a TransformerLens TransformerBridge (e.g. from relp.load_model()); got {given}{hint}"
+    )
+
+
 def _prepare(model, clean, corrupted, metric, components, direction, layers) -> _Run:
+    _check_model(model)
     check_eval_mode(model)  # every module, not only the root (model.blocks[0].train() enables dropout too)
     if not callable(metric):
         raise TypeError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -258,25 +259,144 @@ class PatchingResult:
         return df
 
     def save(self, path: str | Path) -> Path:
-        """Save to one file (torch format, loadable with ``weights_only=True``)."""
+        """Save to one file (torch format, loadable with ``weights_only=True``; see :data:`RESULT_FORMAT`).
+
+        The file records a format version and a sha256 checksum of its contents, which :meth:`load`
+        checks. Metadata is stored as JSON: None, bool, int, float, str, lists, tuples (they come back as
+        tuples) and dicts with str keys; numpy scalars are stored as Python numbers. Anything else
+        (tensors, arrays, objects, non-str dict keys) is refused here with a TypeError naming the entry,
+        rather than coming back as a string.
+        """
         path = Path(path)
+        payload = {
+            "method": str(self.method), "metric": str(self.metric), "direction": str(self.direction),
+            "rules": tuple(str(r) for r in self.rules), "seconds": float(self.seconds), "model": str(self.model),
+            "layers": tuple(int(layer) for layer in self.layers), "tokens": tuple(str(t) for t in self.tokens),
+            "metadata": json.dumps(_encode_metadata(self.metadata, "metadata"), allow_nan=True),
+            "scores": {k: v.detach().cpu().contiguous() for k, v in self.scores.items()},
+            "format": RESULT_FORMAT,
+        }
+        payload["checksum"] = _checksum(payload)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        payload["scores"] = {k: v.detach().cpu() for k, v in self.scores.items()}
-        payload["metadata"] = json.dumps(self.metadata, default=str)
-        payload["format"] = "relp.PatchingResult/1"
         torch.save(payload, path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "PatchingResult":
-        payload = torch.load(Path(path), weights_only=True)
-        if payload.pop("format", None) != "relp.PatchingResult/1":
-            raise ValueError(f"{path} is not a saved relp PatchingResult")
-        payload["metadata"] = json.loads(payload["metadata"])
-        for key in ("rules", "layers", "tokens"):
-            payload[key] = tuple(payload[key])
-        return cls(**payload)
+        """A result saved by :meth:`save`; :class:`ResultFileError` for any file that is not one, is
+        damaged (checksum mismatch) or was cut short. Files of the first format
+        (``relp.PatchingResult/1``, saved before the checksum was added) load without a check."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved PatchingResult at {path}")
+        try:
+            payload = torch.load(path, weights_only=True)
+        except Exception as error:
+            raise ResultFileError(
+                f"{path} is not a saved relp PatchingResult, or is damaged: it cannot be read as a torch file "
+                f"({type(error).__name__}: {str(error)[:200]})"
+            ) from error
+        if not isinstance(payload, dict):
+            raise ResultFileError(
+                f"{path} is not a saved relp PatchingResult: it holds a {type(payload).__name__}, expected the "
+                f"dict written by PatchingResult.save (format {RESULT_FORMAT!r})"
+            )
+        found = payload.pop("format", None)
+        if found not in (RESULT_FORMAT, _FORMAT_1):
+            raise ResultFileError(
+                f"{path} is not a saved relp PatchingResult: format {found!r:.80}, expected {RESULT_FORMAT!r} "
+                f"(or the older {_FORMAT_1!r})"
+            )
+        expected = set(_FIELDS) | ({"checksum"} if found == RESULT_FORMAT else set())
+        if set(payload) != expected:
+            raise ResultFileError(
+                f"{path} is damaged: its fields are {sorted(payload)}, expected {sorted(expected)}"
+            )
+        try:
+            if found == RESULT_FORMAT:
+                recorded = payload.pop("checksum")
+                if recorded != _checksum({**payload, "format": found}):
+                    raise ResultFileError(
+                        f"{path} is damaged: its contents do not match the sha256 checksum recorded when it was "
+                        "saved"
+                    )
+                metadata = json.loads(payload["metadata"], object_hook=_decode_object)
+            else:
+                metadata = json.loads(payload["metadata"])
+            if not isinstance(metadata, dict):
+                raise ValueError(f"metadata is a {type(metadata).__name__}, expected a dict")
+            payload["metadata"] = metadata
+            for key in ("rules", "layers", "tokens"):
+                payload[key] = tuple(payload[key])
+            if not isinstance(payload["scores"], dict) or not all(
+                isinstance(v, torch.Tensor) for v in payload["scores"].values()
+            ):
+                raise ValueError("scores are not a dict of tensors")
+            return cls(**payload)
+        except ResultFileError:
+            raise
+        except Exception as error:
+            raise ResultFileError(
+                f"{path} is damaged: {type(error).__name__}: {str(error)[:200]}"
+            ) from error
+
+
+#: The format :meth:`PatchingResult.save` writes (a checksum was added in version 2).
+RESULT_FORMAT = "relp.PatchingResult/2"
+_FORMAT_1 = "relp.PatchingResult/1"  # no checksum; metadata as JSON with default=str
+_FIELDS = ("scores", "method", "metric", "direction", "rules", "seconds", "model", "layers", "tokens", "metadata")
+_TUPLE_TAG = "__tuple__"
+
+
+class ResultFileError(ValueError):
+    """A file that is not a saved PatchingResult, or one that was damaged after it was saved."""
+
+
+def _checksum(payload: dict) -> str:
+    """sha256 over every field of a save payload: the scalar fields as JSON, then each score tensor's
+    name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    header = {k: payload[k] for k in (*_FIELDS, "format") if k != "scores"}
+    header["seconds"] = repr(header["seconds"])  # NaN-safe and exact
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(payload["scores"]):
+        tensor = payload["scores"][name]
+        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _encode_metadata(value, where: str):
+    """`value` as JSON data that :func:`_decode_object` turns back into it, or a TypeError naming `where`."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, list):
+        return [_encode_metadata(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return {_TUPLE_TAG: [_encode_metadata(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str) or k == _TUPLE_TAG]
+        if bad:
+            raise TypeError(
+                f"{where} has the key {bad[0]!r} ({type(bad[0]).__name__}); PatchingResult.save stores metadata "
+                f"as JSON, whose keys are strings (and not {_TUPLE_TAG!r})"
+            )
+        return {k: _encode_metadata(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise TypeError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}; PatchingResult.save stores metadata as "
+        "JSON: None, bool, int, float, str, list, tuple or dict with str keys (numpy scalars become Python "
+        "numbers). Convert it (e.g. tensor.tolist()) or leave it out"
+    )
+
+
+def _decode_object(obj: dict):
+    return tuple(obj[_TUPLE_TAG]) if set(obj) == {_TUPLE_TAG} else obj
 
 
 def cell_name(component: str, layer: int, position: int, *, head: int | None = None, neuron: int | None = None,

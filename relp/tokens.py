@@ -42,7 +42,9 @@ def to_tokens(model, inputs: str | Sequence[str] | torch.Tensor) -> torch.Tensor
     """Tokens [batch, pos] for text (BOS prepended, see the module docstring) or a token tensor.
 
     A list of texts must tokenize to one length: relp never pads silently, because padding would move
-    the positions that patching and metrics index.
+    the positions that patching and metrics index. Nor does it truncate: a text or token tensor longer
+    than the model's context (``model.cfg.n_ctx``) is an error naming both lengths, as are token ids
+    outside the vocabulary (``model.cfg.d_vocab``) and an empty tensor.
     """
     if isinstance(inputs, torch.Tensor):
         tokens = inputs
@@ -53,13 +55,29 @@ def to_tokens(model, inputs: str | Sequence[str] | torch.Tensor) -> torch.Tensor
                 f"token tensors must be integer [batch, pos]; got dtype {tokens.dtype} and shape "
                 f"{tuple(inputs.shape)}"
             )
+        if tokens.numel() == 0:
+            raise ValueError(
+                f"the token tensor is empty (shape {tuple(inputs.shape)}); expected at least one prompt of at "
+                "least one token"
+            )
+        d_vocab = getattr(model.cfg, "d_vocab", None)
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or (isinstance(d_vocab, int) and d_vocab > 0 and high >= d_vocab):
+            raise ValueError(
+                f"token ids range from {low} to {high}; expected ids in 0..{d_vocab - 1} (the model's "
+                f"vocabulary has d_vocab={d_vocab} tokens)"
+            )
+        _check_length(model, tokens.shape[1], "the token tensor")
         return tokens.long().to(model.cfg.device)
     if isinstance(inputs, str):
         inputs = [inputs]
     inputs = list(inputs)
     if not inputs or not all(isinstance(text, str) for text in inputs):
         raise ValueError(f"expected a string, a list of strings or a token tensor; got {inputs!r:.200}")
-    rows = [model.to_tokens(text, prepend_bos=PREPEND_BOS)[0] for text in inputs]
+    # truncate=False: TransformerLens would otherwise cut texts at the context length without a word
+    rows = [model.to_tokens(text, prepend_bos=PREPEND_BOS, truncate=False)[0] for text in inputs]
+    for text, row in zip(inputs, rows):
+        _check_length(model, len(row), f"the text {text[:60]!r}{'...' if len(text) > 60 else ''}")
     lengths = sorted({len(row) for row in rows})
     if len(lengths) > 1:
         by_length = {n: next(t for t, r in zip(inputs, rows) if len(r) == n) for n in lengths}
@@ -68,6 +86,22 @@ def to_tokens(model, inputs: str | Sequence[str] | torch.Tensor) -> torch.Tensor
             "a batch silently. Group prompts by token length (relp.tasks does this) or pass tokens."
         )
     return torch.stack(rows).to(model.cfg.device)
+
+
+def context_length(model) -> int | None:
+    """The most positions `model` takes (``model.cfg.n_ctx``), or None when it declares no limit."""
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None
+
+
+def _check_length(model, n_tokens: int, what: str) -> None:
+    """A clear error when `n_tokens` exceeds the model's context; relp never truncates silently."""
+    n_ctx = context_length(model)
+    if n_ctx is not None and n_tokens > n_ctx:
+        raise ValueError(
+            f"{what} is {n_tokens} tokens long (BOS included); the model's context holds at most "
+            f"n_ctx={n_ctx} tokens. relp does not truncate: shorten the text or split it."
+        )
 
 
 class TaskTokenizer:

@@ -83,7 +83,7 @@ __all__ = [
 ]
 
 
-def load_model(spec=None, *, tokenizer=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(spec=None, *, tokenizer=None, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """Load a model as a TransformerLens ``TransformerBridge`` in eval mode.
 
     ``spec`` may be:
@@ -105,18 +105,24 @@ def load_model(spec=None, *, tokenizer=None, device: str | torch.device = "cpu",
       files as on the hub), else from the hub. Its trained pooling (mean, normalised) is recorded.
     - a ``transformers.PreTrainedModel`` object: needs ``tokenizer=``. The bridge modifies the model in
       place (deep-copy it first if you still need the raw model).
-    - a ``TransformerBridge``: returned as it is (no device, dtype or eval-mode change).
+    - a ``TransformerBridge``: returned as it is (no device, dtype or eval-mode change); a ``device`` or
+      ``dtype`` that differs from the bridge's own is an error, not ignored.
 
-    ``device`` and ``dtype`` apply to the loaded model (also to a Hugging Face model object, which is
-    moved and cast in place). ``tokenizer`` replaces the model's own tokenizer (required for a model
-    object; not accepted with a bridge).
+    ``device`` (default ``"cpu"``) and ``dtype`` (default ``torch.float32``) apply to the loaded model
+    (also to a Hugging Face model object, which is moved and cast in place). ``tokenizer`` replaces the
+    model's own tokenizer (required for a model object; not accepted with a bridge).
     """
     # Types are recognised by class name and package, without importing transformers or TransformerLens:
     # a hub name that fails offline must not first pay ~10 s for those imports.
     if _is_instance_of(spec, "transformer_lens", "TransformerBridge"):
         if tokenizer is not None:
             raise ValueError("tokenizer= cannot be used with a TransformerBridge: it already has one")
+        _check_bridge_settings(spec, device=device, dtype=dtype)
         return spec
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float16); got {type(dtype).__name__} {dtype!r}")
+    device = "cpu" if device is None else device
+    dtype = torch.float32 if dtype is None else dtype
     if _is_instance_of(spec, "transformers", "PreTrainedModel"):
         if tokenizer is None:
             raise ValueError(
@@ -138,6 +144,24 @@ def load_model(spec=None, *, tokenizer=None, device: str | torch.device = "cpu",
         "or a .gguf file (str or os.PathLike), a transformers.PreTrainedModel (with tokenizer=) or a "
         "TransformerBridge"
     )
+
+
+def _check_bridge_settings(bridge, *, device, dtype) -> None:
+    """A bridge is returned as it is: a requested device or dtype it does not have is an error."""
+    own_dtype = getattr(bridge.cfg, "dtype", None)
+    if dtype is not None and dtype != own_dtype:
+        raise ValueError(
+            f"load_model returns a TransformerBridge as it is; got dtype={dtype} for a bridge in {own_dtype}. "
+            "Load the model from its source with dtype=... instead (relp does not cast a bridge in place)"
+        )
+    if device is not None:
+        own_device = torch.device(bridge.cfg.device)
+        wanted = torch.device(device)
+        if wanted.type != own_device.type or (wanted.index is not None and wanted.index != (own_device.index or 0)):
+            raise ValueError(
+                f"load_model returns a TransformerBridge as it is; got device={str(device)!r} for a bridge on "
+                f"{own_device}. Load the model from its source with device=... instead"
+            )
 
 
 def _is_instance_of(obj, package: str, class_name: str) -> bool:
