@@ -154,6 +154,28 @@ def _result(model, run: _Run, scores, method, metric, rules, start, **metadata) 
     )
 
 
+def changed_cells(
+    model, clean: Tokens, corrupted: Tokens, components: str | Iterable[str] = BLOCK_COMPONENTS, *,
+    direction: str = "denoising", layers: Iterable[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """{component: bool tensor [layer, *cell axes]}: the cells whose activation differs between the two
+    runs (2 forward passes). The others score exactly 0 under every method and need no patching."""
+    def unused_metric(output):
+        return output.sum()
+
+    run = _prepare(model, clean, corrupted, unused_metric, components, direction, layers)
+    names = _read_names(run)
+    source = cache_activations(model, run.source, names)
+    base = cache_activations(model, run.base, names)
+    return {
+        component.name: torch.stack([
+            component.cell_scores((activation(component, layer, source) != activation(component, layer, base)).to(torch.int32)) > 0
+            for layer in run.layers
+        ]).cpu()
+        for component in run.components
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Activation patching
 

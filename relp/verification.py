@@ -15,11 +15,16 @@ the scores do not depend on the random draw); their AP values are in the metadat
 
 Conventions:
 
-* The k cells are ranked over all components together (their scores are all in the metric's units,
-  as in :meth:`relp.PatchingResult.top`), ties broken by component order then cell index. `k` is a
-  number of cells (an int) or a share of all cells (a float in (0, 1], rounded up).
+* The k cells are ranked within each component (``per_component=True``, the default: every component
+  gets its share, which matters when one component's effects dwarf another's), or over all components
+  together (their scores are all in the metric's units, as in :meth:`relp.PatchingResult.top`); ties
+  broken by component order then cell index. `k` is a number of cells (an int) or a share (a float in
+  (0, 1], rounded up) of the *changed* cells, whose activation differs between the runs (found with 2
+  forward passes). A cell whose activation is the same in both runs (every position before the first
+  changed token of a causal model) has an AP of exactly 0 under every method and is never verified.
 * Cost: the estimate's own forward-pass equivalents plus AP's: one forward pass per patched cell
-  that differs between the runs, plus the source and base runs (``metadata["forward_equivalents"]``).
+  that differs between the runs, plus the source and base runs, plus the two runs that find the changed
+  cells (``metadata["forward_equivalents"]``).
 * :func:`estimate_then_verify` (registry key ``verify``, label ``RelP+verify``) runs a registered
   estimate (default: RelP) and then :func:`verify`.
 """
@@ -99,6 +104,7 @@ def verify(
     k: int | float = 0.05,
     sample: int | float = 0,
     seed: int = 0,
+    per_component: bool = True,
     direction: str | None = None,
     layers: Iterable[int] | None = None,
     batch_size: int | None = None,
@@ -111,8 +117,9 @@ def verify(
     ----------
     result : the estimate (any method's result on these prompts, metric, direction and layers).
     model, clean, corrupted, metric : what `result` was computed on (checked: a clear error otherwise).
-    k : cells to verify: an int, or a float in (0, 1] for a share of all cells (rounded up). Ranked by
-        |score| over all components together.
+    k : cells to verify: an int, or a float in (0, 1] for a share (rounded up) of the changed cells
+        (whose activation differs between the runs; the others have an AP of exactly 0). With `per_component` (default) the k highest-|score| cells of each component (an int
+        k: at most k per component); else of all components together.
     sample : unverified cells to patch as well, drawn uniformly (``torch.Generator`` seeded with `seed`):
         an int, or a float in (0, 1] for a share of the unverified cells.
     direction, layers : None (the result's), or the expected ones (checked).
@@ -146,9 +153,26 @@ def verify(
     offsets = np.cumsum([0, *sizes])
     everything = torch.cat(flat).numpy()
     n_cells = len(everything)
-    n_verified = _count(k, n_cells, "k", "cells")
-    order = np.argsort(-np.abs(everything), kind="stable")  # ties: component order, then cell index
-    verified, rest = np.sort(order[:n_verified]), np.sort(order[n_verified:])
+    # Candidates: cells whose activation differs between the runs (2 forward passes). The others score
+    # exactly 0 under every method and need no verification. (A cell's estimate can be 0 where AP is not,
+    # e.g. a ReLU unit switched on by the patch: AtP's gradient is 0 there; it stays a candidate.)
+    changed = patching.changed_cells(
+        model, clean_tokens, corrupted_tokens, names, direction=result.direction, layers=result.layers
+    )
+    candidates = np.flatnonzero(torch.cat([changed[name].reshape(-1) for name in names]).numpy())
+    groups = (
+        [candidates[(candidates >= offsets[j]) & (candidates < offsets[j + 1])] for j in range(len(names))]
+        if per_component else [candidates]
+    )
+    chosen = []
+    for group in groups:
+        count = min(int(k), len(group)) if per_component and not isinstance(k, float) else None
+        count = _count(k, len(group), "k", "changed cells") if count is None else count
+        # ties: component order, then cell index
+        chosen.append(group[np.argsort(-np.abs(everything[group]), kind="stable")[:count]])
+    verified = np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
+    n_verified = len(verified)
+    rest = np.setdiff1d(np.arange(n_cells), verified)
     n_sampled = _count(sample, len(rest), "sample", "unverified cells") if sample else 0
     generator = torch.Generator().manual_seed(int(seed))
     sampled = np.sort(rest[torch.randperm(len(rest), generator=generator)[:n_sampled].numpy()])
@@ -166,9 +190,9 @@ def verify(
             model, clean_tokens, corrupted_tokens, metric, names, direction=result.direction, layers=result.layers,
             batch_size=batch_size, progress=progress, logits_to_keep=logits_to_keep, cells=masks,
         )
-        ap_cost = ap.metadata["forward_equivalents"]
+        ap_cost = ap.metadata["forward_equivalents"] + 2  # and the two runs of changed_cells
     else:
-        ap, ap_cost = None, 0
+        ap, ap_cost = None, 2
 
     scores, sampled_ap, errors = {}, {}, {"verified": [], "sampled": []}
     abs_verified, abs_sampled = [], []
@@ -209,7 +233,8 @@ def verify(
                 "method": result.method, "label": result.label, "rules": list(result.rules),
                 "forward_equivalents": estimate_cost, "seconds": result.seconds,
             },
-            "k": k, "sample": sample, "seed": int(seed),
+            "k": k, "sample": sample, "seed": int(seed), "per_component": per_component,
+            "n_candidates": int(len(candidates)),
             "n_cells": n_cells, "n_verified": n_verified, "n_sampled": n_sampled, "n_unverified": n_unverified,
             "verified": verified_cells,
             "sampled": sampled_cells,
@@ -266,6 +291,7 @@ def estimate_then_verify(
     k: int | float = 0.05,
     sample: int | float = 0,
     seed: int = 0,
+    per_component: bool = True,
     rules: str | Iterable[str] | None = None,
     direction: str = "denoising",
     layers: Iterable[int] | None = None,
@@ -274,7 +300,7 @@ def estimate_then_verify(
     progress: bool = False,
 ) -> PatchingResult:
     """Score with a registered `estimate` method (key, name or label; default RelP), then :func:`verify`
-    its `k` highest-|score| cells (default 5% of all cells) by activation patching.
+    its `k` highest-|score| cells (default: 5% of each component's changed cells) by activation patching.
 
     `rules` (None: the estimate's default) goes to the estimate and must be one of its options;
     `logits_to_keep`, `batch_size` and `progress` go to it when it takes them, and to activation patching.
@@ -293,7 +319,8 @@ def estimate_then_verify(
             options[name] = value
     result = method(model, clean, corrupted, metric, components, **options)
     return verify(
-        result, model, clean, corrupted, metric, k=k, sample=sample, seed=seed, direction=direction, layers=layers,
+        result, model, clean, corrupted, metric, k=k, sample=sample, seed=seed, per_component=per_component,
+        direction=direction, layers=layers,
         batch_size=batch_size, progress=progress, logits_to_keep=logits_to_keep,
     )
 

@@ -159,7 +159,7 @@ def _top_cells(result, k) -> dict[str, torch.Tensor]:
 
 def test_verified_cells_hold_activation_patching_and_the_others_the_estimate(setup):
     model, clean, corrupted, metric, full, estimate, _ = setup
-    verified = relp.verify(estimate, model, clean, corrupted, metric, k=25)
+    verified = relp.verify(estimate, model, clean, corrupted, metric, k=25, per_component=False)
     expected = _top_cells(estimate, 25)
     masks = cell_masks(verified)
     assert sum(int(m.sum()) for m in masks.values()) == 25
@@ -175,7 +175,7 @@ def test_verified_cells_hold_activation_patching_and_the_others_the_estimate(set
     assert verified.metadata["verified_min_abs_ap"] == pytest.approx(threshold, abs=1e-12)
     mean_error = (_flat(full)[on] - _flat(estimate)[on]).abs().mean().item()
     assert verified.metadata["verified_mean_abs_error"] == pytest.approx(mean_error, abs=1e-12)
-    assert forward_equivalents(verified) == 4 + verified.metadata["cells_patched"] + 2
+    assert forward_equivalents(verified) == 4 + verified.metadata["cells_patched"] + 2 + 2
     assert verified.metadata["cells_patched"] == sum(int((masks[n] & _changed(full)[n]).sum()) for n in COMPONENTS)
 
 
@@ -186,8 +186,10 @@ def test_verifying_every_cell_is_activation_patching(setup, k):
     verified = relp.verify(estimate, model, clean, corrupted, metric, k=n_cells if k == "all" else k)
     for name in COMPONENTS:
         torch.testing.assert_close(verified[name], full[name], **CLOSE)
-    assert verified.metadata["n_unverified"] == 0
-    assert forward_equivalents(verified) == 4 + forward_equivalents(full)
+    # unverified: only the cells whose activation is the same in both runs (from the prompts alone)
+    unchanged = ~torch.cat([_changed(full)[n].reshape(-1) for n in COMPONENTS])
+    assert verified.metadata["n_unverified"] == int(unchanged.sum()) > 0 and (_flat(full)[unchanged] == 0).all()
+    assert forward_equivalents(verified) == 4 + forward_equivalents(full) + 2  # + the runs that find changed cells
 
 
 @pytest.mark.parametrize("which", ["relp", "atp"])
@@ -204,7 +206,7 @@ def test_a_sample_of_every_other_cell_counts_what_the_estimate_missed(setup, whi
         if true_missed:
             break
     assert true_missed > 0
-    verified = relp.verify(estimate, model, clean, corrupted, metric, k=k, sample=1.0)
+    verified = relp.verify(estimate, model, clean, corrupted, metric, k=k, sample=1.0, per_component=False)
     meta = verified.metadata
     assert meta["n_sampled"] == meta["n_unverified"] == ap.numel() - k
     assert meta["missed_estimate"] == true_missed and meta["sample_above_verified"] == true_missed
@@ -220,11 +222,12 @@ def test_a_sample_of_every_other_cell_counts_what_the_estimate_missed(setup, whi
 
 def test_a_random_sample_is_disjoint_from_the_verified_cells_and_seeded(setup):
     model, clean, corrupted, metric, full, estimate, _ = setup
-    one = relp.verify(estimate, model, clean, corrupted, metric, k=0.01, sample=40, seed=3)
-    same = relp.verify(estimate, model, clean, corrupted, metric, k=0.01, sample=40, seed=3)
-    other = relp.verify(estimate, model, clean, corrupted, metric, k=0.01, sample=40, seed=4)
+    one = relp.verify(estimate, model, clean, corrupted, metric, k=0.01, sample=40, seed=3, per_component=False)
+    same = relp.verify(estimate, model, clean, corrupted, metric, k=0.01, sample=40, seed=3, per_component=False)
+    other = relp.verify(estimate, model, clean, corrupted, metric, k=0.01, sample=40, seed=4, per_component=False)
     n_cells = _flat(full).numel()
-    assert one.metadata["n_verified"] == -(-n_cells // 100)  # 1% rounded up
+    n_candidates = int(sum(m.sum() for m in _changed(full).values()))
+    assert one.metadata["n_verified"] == -(-n_candidates // 100)  # 1% of the changed cells, rounded up
     verified, sampled = cell_masks(one), cell_masks(one, "sampled")
     assert sum(int(m.sum()) for m in sampled.values()) == 40
     assert not any((verified[n] & sampled[n]).any() for n in COMPONENTS)
@@ -256,17 +259,36 @@ def test_verify_refuses_a_result_of_other_inputs_and_bad_counts(setup):
         run(metric=last_logit)
     with pytest.raises(TypeError, match="must be a relp.PatchingResult"):
         run(result=estimate.scores)
-    n_cells = _flat(full).numel()
+    n_candidates = int(sum(m.sum() for m in _changed(full).values()))
     for k, error, message in [
-        (-1, ValueError, "expected 0.."), (n_cells + 1, ValueError, f"there are {n_cells} cells"),
+        (-1, ValueError, "expected 0.."), (n_candidates + 1, ValueError, f"there are {n_candidates} changed cells"),
         (1.5, ValueError, r"must be in \(0, 1\]"), (True, TypeError, "must be an int"), ("5", TypeError, "must be an int"),
     ]:
         with pytest.raises(error, match=message):
-            run(k=k)
+            run(k=k, per_component=False)
     holes = relp.activation_patching(model, clean, corrupted, metric, ["head"], progress=False,
                                      cells={"head": torch.zeros(full["head"].shape, dtype=torch.bool)})
     with pytest.raises(ValueError, match="hold NaN"):
         run(result=holes)
+
+
+def test_per_component_verification_gives_each_component_its_share(setup):
+    """Default: the top ceil(k * changed cells) cells of each component, ranked within it (here from a
+    sort of that component's |estimate| alone), so a component with small effects is verified too."""
+    model, clean, corrupted, metric, full, estimate, _ = setup
+    verified = relp.verify(estimate, model, clean, corrupted, metric, k=0.1)
+    masks = cell_masks(verified)
+    for name in COMPONENTS:
+        values = estimate[name].reshape(-1).double()
+        nonzero = torch.nonzero(_changed(full)[name].reshape(-1)).reshape(-1)
+        count = -(-len(nonzero) // 10)
+        top = nonzero[torch.argsort(-values[nonzero].abs(), stable=True)[:count]]
+        expected = torch.zeros(values.numel(), dtype=torch.bool)
+        expected[top] = True
+        assert count > 0 and torch.equal(masks[name].reshape(-1), expected), name
+        torch.testing.assert_close(verified[name][masks[name]], full[name][masks[name]], **CLOSE)
+    capped = relp.verify(estimate, model, clean, corrupted, metric, k=10**6)  # an int k: at most k per component
+    assert capped.metadata["n_verified"] == int(sum(m.sum() for m in _changed(full).values()))
 
 
 # ----------------------------------------------------------------------------------------------
