@@ -37,6 +37,7 @@ from relp.metrics import (
     SimilarityDifference,
     agreement,
 )
+from relp.integrated_gradients import integrated_gradients, integrated_gradients_inputs, two_point_patching
 from relp.mib import from_mib_json, to_mib_json
 from relp.loading import (
     EMBEDDED_ENCODER_NAME,
@@ -85,8 +86,11 @@ __all__ = [
     "activation_patching",
     "agreement",
     "attribution_patching",
+    "integrated_gradients",
+    "integrated_gradients_inputs",
     "lrp_rules",
     "relevance_patching",
     "to_tokens",
+    "two_point_patching",
 ]
 __version__ = "0.1.0"
