@@ -45,6 +45,8 @@ import torch
 from relp.components import BLOCK_COMPONENTS, Component
 from relp.interventions import (
     BlockReplay,
+    PrefixReuse,
+    _cache_reaches_attention,
     activation,
     capture_hooks,
     check_resid_mid,
@@ -100,15 +102,20 @@ def _copies_per_pass(model, run: _Run, batch_size: int | None, logits_to_keep: i
 
 def _cache(
     model, tokens: torch.Tensor, names: Sequence[str], metric, rules: RuleSet, logits_to_keep: int | None,
-    replay: BlockReplay | None = None,
+    replay: BlockReplay | None = None, prefix: PrefixReuse | None = None,
 ):
     """The named activations of one no-grad run (with the forward parts of the rules: their hooks keep values
-    bit for bit; see :func:`relp.rules.rule_forward_contexts`), and the metric's value on it."""
+    bit for bit; see :func:`relp.rules.rule_forward_contexts`), and the metric's value on it. A `replay` and a
+    `prefix` record the run's block outputs and its keys and values."""
     store: dict[str, torch.Tensor] = {}
     with torch.no_grad(), rule_forward_contexts(model, rules) if _ruled(rules) else contextlib.nullcontext():
         with model.hooks(fwd_hooks=capture_hooks(store, names, detach=True)):
-            with replay.recording() if replay is not None else contextlib.nullcontext():
-                value = check_metric_value(metric(model_output(model, tokens, metric, logits_to_keep)), metric, "an endpoint run")
+            with replay.recording() if replay is not None else contextlib.nullcontext(), \
+                    prefix.recording() if prefix is not None else contextlib.nullcontext({}) as cache_kwargs:
+                output = model_output(model, tokens, metric, logits_to_keep, **cache_kwargs)
+                value = check_metric_value(metric(output), metric, "an endpoint run")
+    if prefix is not None and logits_to_keep is None:
+        prefix.logits = output
     return store, value
 
 
@@ -124,6 +131,8 @@ def _stacked_gradients(
     hooks: Sequence = (),
     replay: BlockReplay | None = None,
     layer: int = 0,
+    prefix: PrefixReuse | None = None,
+    start: int = 0,
     what: str = "a path point",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One gradient pass over `copies` stacked copies (`rows` [copies x prompts, pos]), under `rules`.
@@ -131,17 +140,24 @@ def _stacked_gradients(
     `hooks` (registered after the rules' hooks) edit the run; `targets()` is called after the forward pass
     and returns the tensors to differentiate at (leaves made by `hooks`, or captured activations). The metric
     is evaluated on each copy's output and the values are summed, so each copy gets its own gradient.
+    With a recorded `prefix` and ``start > 0`` (checked usable by the caller), `rows` hold only positions
+    from `start` on, computed on the base run's keys and values for the others.
     Returns the gradients (None is an error) and the copies' metric values.
     """
     n = rows.shape[0] // copies
+    forward_kwargs = prefix.forward_kwargs(start, copies) if start else {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         if _ruled(rules):  # the rules' hooks first: edits at the same hook point must see their output
             stack.enter_context(applied_rules(model, rules))
         stack.enter_context(model.hooks(fwd_hooks=list(hooks)))
         if replay is not None:
-            stack.enter_context(replay.skipping(layer, copies))
-        outputs = model_output(model, rows, metric, logits_to_keep)
+            stack.enter_context(replay.skipping(layer, copies, start))
+        if start:
+            stack.enter_context(_cache_reaches_attention(model))
+        outputs = model_output(model, rows, metric, logits_to_keep, **forward_kwargs)
+        if start and logits_to_keep is None:  # the positions before `start` are the base run's, constants
+            outputs = torch.cat([prefix.logits[:, :start].repeat(copies, 1, 1), outputs], dim=1)
         values = [check_metric_value(metric(outputs[i * n : (i + 1) * n]), metric, f"{what} (copy {i})") for i in range(copies)]
         total = torch.stack(values).sum()
         if not total.requires_grad:
@@ -252,6 +268,7 @@ def integrated_gradients(
     steps: int = DEFAULT_STEPS,
     batch_size: int | None = None,
     skip_early_layers: bool = True,
+    reuse_prefix: bool = True,
     logits_to_keep: int | None = None,
 ) -> PatchingResult:
     """Integrated gradients over activations (Marks et al. 2024), one site (component x layer) at a time.
@@ -266,11 +283,14 @@ def integrated_gradients(
 
     The alphas are stacked copies of the batch, at most `batch_size` rows a pass (default: from the free
     memory). With `skip_early_layers`, blocks before the site's layer are replayed from the base run
-    (:class:`relp.interventions.BlockReplay`), not recomputed. The site's interpolated activation is a leaf
-    of the graph, so the backward pass stops there. Sites whose activation is the same in both runs score 0
-    without a pass. ``metadata["forward_equivalents"]`` counts a pass through k of the model's L blocks as
-    k/L of a pass (forward: the blocks computed; backward: the blocks from the site's layer on, an upper
-    bound), plus the two endpoint runs.
+    (:class:`relp.interventions.BlockReplay`), not recomputed. With `reuse_prefix` (causal models, metrics
+    that read logits), positions before the first one where the site differs between the runs are not
+    recomputed either: nothing there depends on the site's later positions, so the passes run on the base
+    run's keys and values (:class:`relp.interventions.PrefixReuse`). The site's interpolated activation is a
+    leaf of the graph, so the backward pass stops there. Sites whose activation is the same in both runs
+    score 0 without a pass. ``metadata["forward_equivalents"]`` counts a pass through k of the model's L
+    blocks as k/L of a pass (forward: the blocks computed; backward: the blocks from the site's layer on, an
+    upper bound) and, with prefix reuse, the share of positions computed, plus the two endpoint runs.
     """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
@@ -281,8 +301,10 @@ def integrated_gradients(
     names = _read_names(run)
     n_prompts = run.base.shape[0]
     replay = BlockReplay(model, n_prompts) if skip_early_layers else None
+    prefix = PrefixReuse(model, run.base) if reuse_prefix and getattr(metric, "readout", None) is None else None
     source, _ = _cache(model, run.source, names, metric, rule_set, logits_to_keep)
-    base, base_value = _cache(model, run.base, names, metric, rule_set, logits_to_keep, replay)
+    base, base_value = _cache(model, run.base, names, metric, rule_set, logits_to_keep, replay, prefix)
+    n_positions = run.base.shape[1]
     copies_per_pass = _copies_per_pass(model, run, batch_size, logits_to_keep)
     alphas = midpoints(steps)
     n_layers = model.cfg.n_layers
@@ -295,14 +317,19 @@ def integrated_gradients(
             mean_grads[(component.name, layer)] = torch.zeros_like(delta)
             sites_skipped += 1
             continue
-        total = torch.zeros_like(delta)
+        # positions before the first changed one: the base run's, and nothing there depends on later ones
+        axis = component.activation_axes.index("position")
+        changed = delta.ne(0).movedim(axis, 0).flatten(1).any(1).nonzero()
+        begin_at = prefix.usable_start(int(changed[0]), logits_to_keep) if prefix is not None else 0
+        hooked_base, delta_tail = base[name].narrow(axis, begin_at, n_positions - begin_at), delta.narrow(axis, begin_at, n_positions - begin_at)
+        total = torch.zeros_like(delta_tail)
         for begin in range(0, steps, copies_per_pass):
             chunk = alphas[begin : begin + copies_per_pass].to(delta.device, delta.dtype)
             copies = len(chunk)
             # the hooked tensor (for resid_mid: attn_out, whose offset resid_pre is the base run's upstream
             # of the site) moves by alpha * delta
-            point = (base[name].unsqueeze(0) + chunk.view(-1, *[1] * delta.ndim) * delta.unsqueeze(0))
-            leaf = point.reshape(copies * n_prompts, *delta.shape[1:]).detach().requires_grad_(True)
+            point = hooked_base.unsqueeze(0) + chunk.view(-1, *[1] * delta.ndim) * delta_tail.unsqueeze(0)
+            leaf = point.reshape(copies * n_prompts, *delta_tail.shape[1:]).detach().requires_grad_(True)
 
             def set_point(x, hook, _leaf=leaf):
                 if x.shape != _leaf.shape:
@@ -310,15 +337,17 @@ def integrated_gradients(
                 return _leaf
 
             (grad,), _ = _stacked_gradients(
-                model, run.base.repeat(copies, 1), copies, metric, lambda _leaf=leaf, _name=name: [(_name, _leaf)],
+                model, run.base[:, begin_at:].repeat(copies, 1), copies, metric, lambda _leaf=leaf, _name=name: [(_name, _leaf)],
                 rules=rule_set, logits_to_keep=logits_to_keep, hooks=[(name, set_point)], replay=replay,
-                layer=layer, what=f"{component.name} layer {layer} on the path",
+                layer=layer, prefix=prefix, start=begin_at, what=f"{component.name} layer {layer} on the path",
             )
-            total += grad.reshape(copies, *delta.shape).sum(0)
+            total += grad.reshape(copies, *delta_tail.shape).sum(0)
             passes += 1
-            computed = (n_layers - layer) / n_layers
-            forward = computed if replay is not None and replay.usable else 1.0
+            computed = (n_layers - layer) / n_layers * (n_positions - begin_at) / n_positions
+            forward = computed if replay is not None and replay.usable else (n_positions - begin_at) / n_positions
             equivalents += copies * (forward + 2 * computed)
+        if begin_at:
+            total = torch.cat([torch.zeros_like(delta.narrow(axis, 0, begin_at)), total], dim=axis)
         mean_grads[(component.name, layer)] = total / steps
     scores = _scores(model, run, source, base, lambda c, layer: mean_grads[(c.name, layer)])
     return _result(
@@ -326,6 +355,7 @@ def integrated_gradients(
         base_metric=base_value.item(), steps=steps, quadrature="midpoint", forward_passes=passes + 2,
         rows_per_pass=copies_per_pass * n_prompts, sites_skipped_unchanged=sites_skipped,
         replayed_early_layers=bool(replay is not None and replay.usable),
+        prefix_reuse=bool(prefix is not None and prefix.layers),
         rules_not_applicable=rule_set.not_applicable, forward_equivalents=equivalents,
     )
 

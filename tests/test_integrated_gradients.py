@@ -176,14 +176,17 @@ def test_ig_with_one_layer():
     assert abs(ig["resid_pre"].sum().item() - total) < 1e-3 * abs(total)
 
 
-def test_batch_size_and_replayed_layers_do_not_change_ig(model):
+def test_batch_size_replayed_layers_and_prefix_reuse_do_not_change_ig(model):
     clean, corrupted, metric = _prompts(model)
-    reference = relp.integrated_gradients(model, clean, corrupted, metric, steps=5, skip_early_layers=False)
-    assert not reference.metadata["replayed_early_layers"]
-    for kwargs in ({}, {"batch_size": 3}, {"batch_size": 7}):  # one prompt batch a pass; chunks of 2 copies
+    reference = relp.integrated_gradients(
+        model, clean, corrupted, metric, steps=5, skip_early_layers=False, reuse_prefix=False
+    )
+    assert not reference.metadata["replayed_early_layers"] and not reference.metadata["prefix_reuse"]
+    for kwargs in ({}, {"batch_size": 3}, {"batch_size": 7}, {"logits_to_keep": 1}):  # chunks of 1 and 2 copies
         other = relp.integrated_gradients(model, clean, corrupted, metric, steps=5, **kwargs)
-        assert other.metadata["replayed_early_layers"]
+        assert other.metadata["replayed_early_layers"] and other.metadata["prefix_reuse"]
         for component in reference.components:
+            # float64; different row layouts and the cache's position split round differently (~1e-16)
             torch.testing.assert_close(other[component], reference[component], rtol=1e-9, atol=1e-12)
             assert reference[component].abs().max() > 1e-4
     assert relp.integrated_gradients(model, clean, corrupted, metric, steps=5, batch_size=3).metadata["forward_passes"] == 2 + 5 * 6
@@ -192,10 +195,13 @@ def test_batch_size_and_replayed_layers_do_not_change_ig(model):
 def test_ig_cost_is_recorded():
     model = tiny_model("gpt2", dtype=torch.float64, n_layers=2)
     clean, corrupted, metric = _prompts(model)
-    result = relp.integrated_gradients(model, clean, corrupted, metric, ["resid_pre"], steps=4)
+    full = relp.integrated_gradients(model, clean, corrupted, metric, ["resid_pre"], steps=4, reuse_prefix=False)
     # endpoints 2; layer 0: 4 rows x (1 forward + 2 x 1 backward); layer 1: 4 x (1/2 + 2 x 1/2)
-    assert result.metadata["forward_equivalents"] == 2 + 4 * 3 + 4 * 1.5
-    # resid_pre at layer 0 of positions that agree in both runs, and a site that is the same in both runs
+    assert full.metadata["forward_equivalents"] == 2 + 4 * 3 + 4 * 1.5
+    # prefix reuse: the prompts first differ at position 2 of 7, so the passes compute 5 of 7 positions
+    reused = relp.integrated_gradients(model, clean, corrupted, metric, ["resid_pre"], steps=4)
+    assert reused.metadata["forward_equivalents"] == pytest.approx(2 + (4 * 3 + 4 * 1.5) * 5 / 7, rel=1e-12)
+    # a site that is the same in both runs is skipped
     same = relp.integrated_gradients(model, clean, clean, metric, ["resid_pre"], steps=4)
     assert same.metadata["sites_skipped_unchanged"] == 2 and same.metadata["forward_equivalents"] == 2
     assert same["resid_pre"].abs().max() == 0
