@@ -321,7 +321,8 @@ def integrated_gradients(
         axis = component.activation_axes.index("position")
         changed = delta.ne(0).movedim(axis, 0).flatten(1).any(1).nonzero()
         begin_at = prefix.usable_start(int(changed[0]), logits_to_keep) if prefix is not None else 0
-        hooked_base, delta_tail = base[name].narrow(axis, begin_at, n_positions - begin_at), delta.narrow(axis, begin_at, n_positions - begin_at)
+        hooked_base = base[name].narrow(axis, begin_at, n_positions - begin_at)
+        delta_tail = delta.narrow(axis, begin_at, n_positions - begin_at)
         total = torch.zeros_like(delta_tail)
         for begin in range(0, steps, copies_per_pass):
             chunk = alphas[begin : begin + copies_per_pass].to(delta.device, delta.dtype)

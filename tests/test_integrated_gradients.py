@@ -339,8 +339,11 @@ def test_path_methods_with_an_embedding_metric():
             return (patched - metric(metric.readout(model, corrupted))).item()
 
     truth = whole_site()
-    assert abs(truth) > 1e-5
-    errors = [abs(relp.integrated_gradients(model, clean, corrupted, metric, ["mlp_out"], layers=[0], steps=s)["mlp_out"].sum().item() - truth) for s in (4, 8)]
+    assert abs(truth) > 1e-4  # observed 2.6e-4; the errors at 4 and 8 steps 1.1e-10 and 2.7e-11
+    errors = []
+    for steps in (4, 8):
+        ig = relp.integrated_gradients(model, clean, corrupted, metric, ["mlp_out"], layers=[0], steps=steps)
+        errors.append(abs(ig["mlp_out"].sum().item() - truth))
     assert errors[1] < errors[0] / 3 + 1e-12 and errors[1] < 1e-2 * abs(truth), (errors, truth)
     two_point = relp.two_point_patching(model, clean, corrupted, metric)
     denoising = relp.attribution_patching(model, clean, corrupted, metric)
@@ -348,8 +351,8 @@ def test_path_methods_with_an_embedding_metric():
     for component in two_point.components:
         torch.testing.assert_close(two_point[component], (denoising[component] - noising[component]) / 2, rtol=1e-9, atol=1e-14)
     inputs = relp.integrated_gradients_inputs(model, clean, corrupted, metric, steps=16)
-    assert abs(inputs["resid_pre"][0].sum().item() - inputs.metadata["source_metric"] + inputs.metadata["base_metric"]) < 1e-2 * abs(
-        inputs.metadata["source_metric"] - inputs.metadata["base_metric"])
+    total = inputs.metadata["source_metric"] - inputs.metadata["base_metric"]
+    assert abs(inputs["resid_pre"][0].sum().item() - total) < 1e-2 * abs(total)
     assert inputs.metadata["readout"] != "logits"
 
 
