@@ -38,6 +38,7 @@ from relp.metrics import (
     SimilarityDifference,
     agreement,
 )
+from relp.integrated_gradients import integrated_gradients, integrated_gradients_inputs, two_point_patching
 from relp.mib import from_mib_json, to_mib_json
 from relp.loading import (
     EMBEDDED_ENCODER_NAME,
@@ -94,9 +95,12 @@ __all__ = [
     "attribution_patching",
     "cached_activation_patching",
     "estimate_then_verify",
+    "integrated_gradients",
+    "integrated_gradients_inputs",
     "lrp_rules",
     "relevance_patching",
     "to_tokens",
+    "two_point_patching",
     "verify",
 ]
 __version__ = "0.1.0"

@@ -197,7 +197,7 @@ def _drop_hooks(model, layers: Iterable[int], state: dict, names) -> list:
 
 @register_method(
     "atp_star", label="AtP*", display_name="AtP* (QK-fix, GradDrop)", color="tab:brown",
-    options=("rules", "logits_to_keep"), cost=Cost(forward=2, backward=1),
+    options=("logits_to_keep",), cost=Cost(forward=2, backward=1),
 )
 def atp_star(
     model,

@@ -489,7 +489,7 @@ def relevance_patching(
 
 # Presets of relevance patching: rule sets that are methods of their own in studies and tables.
 register_preset(
-    "gim", "relp", {"rules": "gim"}, label="GIM", color="tab:olive",
+    "gim", "relp", {"rules": "gim"}, label="GIM", color="goldenrod",
     display_name="GIM (LN frozen, q/k x1/4, v x1/2, softmax backward at T=2)",
 )
 register_preset(
