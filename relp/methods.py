@@ -6,17 +6,27 @@ colour, the keyword options the experiments pass it, and its cost in forward-pas
 command line's ``--methods`` choices, the experiments' per-method options, result labels, tables,
 legends and colours all read this registry.
 
-==========  ======================  ===========  =======  ====================================  ===============================
-key         function                label        colour   experiment options                    cost (forward-pass equivalents)
-==========  ======================  ===========  =======  ====================================  ===============================
-ap          activation_patching     AP           black    batch_size, progress, logits_to_keep  1 per patched cell (+2)
-atp         attribution_patching    AtP          blue     logits_to_keep                        2 forward + 1 backward = 4
-relp        relevance_patching      RelP         red      rules, logits_to_keep                 4
-atp_star    atp_star                AtP*         brown    rules, logits_to_keep                 4 (+2 per later layer with
-                                                                                                grad_drop)
-verify      estimate_then_verify    RelP+verify  purple   rules, k, logits_to_keep,             the estimate's + 1 per
-                                                          batch_size, progress                  verified cell (+2)
-==========  ======================  ===========  =======  ====================================  ===============================
+Registered (``relp.methods.METHODS``; cost in forward-pass equivalents per batch, a backward pass = 2):
+
+==============  ==========================  ===========  ====================================================  ==========================
+key             function (module)           label        what it computes                                      cost
+==============  ==========================  ===========  ====================================================  ==========================
+ap              activation_patching         AP           exact: one patched forward pass per changed cell      1 per changed cell + 2
+atp             attribution_patching        AtP          (source - base) . gradient at the base run            4
+relp            relevance_patching          RelP         AtP with the gradient under LRP rules (``rules``)     4
+gim             relevance_patching          GIM          preset: RelP with ``rules="gim"``                     4
+relp_eps        relevance_patching          RelP-eps     preset: RelP with the authors' Identity stabiliser    4
+two_point       two_point_patching          2pt          gradients at both runs averaged (IG's end points)     6
+ig              integrated_gradients        IG           per site, gradients along base -> source (``steps``)  ~3 x steps per site (a
+                                                                                                               share of the layers)
+ig_inputs       integrated_gradients_inputs IG-in        gradients along the input embeddings' path            2 + 3 x steps
+two_point_relp  two_point_patching          2pt-RelP     preset: 2pt under the RelP rules                      6
+ig_relp         integrated_gradients        IG-RelP      preset: IG under the RelP rules                       as ig
+ig_inputs_relp  integrated_gradients_inputs IG-in-RelP   preset: IG-in under the RelP rules                    as ig_inputs
+atp_star        atp_star                    AtP*         AtP with the QK-fix (queries, keys); GradDrop opt.    4 (+2 per layer, GradDrop)
+relp_qk         atp_star                    RelP+QK      preset: AtP* under the RelP rules                     4
+verify          estimate_then_verify        RelP+verify  RelP, then AP on each component's top ``k`` cells     6 + 1 per verified cell + 2
+==============  ==========================  ===========  ====================================================  ==========================
 
 Entries are declared where their function is defined, by decorating it (as zennit registers its
 composites by name)::
