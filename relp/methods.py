@@ -25,7 +25,7 @@ ig_relp         integrated_gradients        IG-RelP      preset: IG under the Re
 ig_inputs_relp  integrated_gradients_inputs IG-in-RelP   preset: IG-in under the RelP rules                    as ig_inputs
 atp_star        atp_star                    AtP*         AtP with the QK-fix (queries, keys); GradDrop opt.    4 (+2 per layer, GradDrop)
 relp_qk         atp_star                    RelP+QK      preset: AtP* under the RelP rules                     4
-verify          estimate_then_verify        RelP+verify  RelP, then AP on each component's top ``k`` cells     6 + 1 per verified cell + 2
+verify          estimate_then_verify        RelP+verify  RelP, then AP on each component's top ``k`` cells     8 + 1 per verified cell
 ==============  ==========================  ===========  ====================================================  ==========================
 
 Entries are declared where their function is defined, by decorating it (as zennit registers its
