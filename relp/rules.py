@@ -194,6 +194,21 @@ def resolve_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET) -> 
     return RuleSet(requested=tuple(names), active=active, not_applicable=not_applicable)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a rule computes its statistics in (norm scales, activation ratios): float32 for float16
+    and bfloat16 tensors, as the model's own norms do (the square of |x| > 256 overflows float16), else
+    the tensor's own dtype (float32, float64)."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    """`x` in :func:`_statistics_dtype` (a no-op for float32 and float64)."""
+    return x.to(_statistics_dtype(x.dtype))
+
+
 def _keep_value(value: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     """`value` in the forward pass, `path`'s gradient in the backward pass (adds an exact zero)."""
     return value.detach() + (path - path.detach())
@@ -217,11 +232,14 @@ class _ConstantRatioGatePath(torch.autograd.Function):
     ``_keep_value(post, _gate_product(ratio * pre, activated, up, share))`` (or, without `up`, for
     ``_keep_value(post, ratio * pre)``), in the same operations, so bit for bit: to `pre`
     ``((g * up) * share) * ratio`` (without `up`: ``g * ratio``), to `up` ``g * (share * activated)``.
+    For float16/bfloat16 models `ratio` is float32 and the gradient to `pre` is taken in float32 and cast
+    back to `pre`'s dtype.
     It saves the forward pass the path's seven intermediate tensors, and the backward pass their nodes."""
 
     @staticmethod
     def forward(ctx, post, pre, up, ratio, scaled_activated, share):
         ctx.share = share
+        ctx.pre_dtype = pre.dtype
         ctx.save_for_backward(ratio, None if up is None else up.detach(), scaled_activated)
         return post.view_as(post)
 
@@ -230,7 +248,8 @@ class _ConstantRatioGatePath(torch.autograd.Function):
         ratio, up, scaled_activated = ctx.saved_tensors
         grad_pre = grad_up = None
         if ctx.needs_input_grad[1]:
-            grad_pre = grad * ratio if up is None else grad * up * ctx.share * ratio
+            wide = grad.to(ratio.dtype)  # float32 for float16/bfloat16 models, as the ratio; else a no-op
+            grad_pre = (wide * ratio if up is None else wide * up * ctx.share * ratio).to(ctx.pre_dtype)
         if up is not None and ctx.needs_input_grad[2]:
             grad_up = grad * scaled_activated
         return None, grad_pre, grad_up, None, None, None
@@ -238,18 +257,23 @@ class _ConstantRatioGatePath(torch.autograd.Function):
 
 class _RmsNormRulePath(torch.autograd.Function):
     """Fused LN-rule on an RMSNorm: the value `y`, with the gradient autograd computes for
-    ``_keep_value(y, x * inv_scale * weight)`` in the same operations, so bit for bit:
-    ``(grad * weight) * inv_scale`` to `x`. Saves the forward pass four tensors the size of `x`."""
+    ``_keep_value(y, (_widen(x) * inv_scale * weight).to(y.dtype))`` in the same operations, so bit for
+    bit: ``((grad in inv_scale's dtype) * weight) * inv_scale`` to `x`, in `x`'s dtype (for float16 and
+    bfloat16 models the product is taken in float32, as the statistics). Saves the forward pass four
+    tensors the size of `x`."""
 
     @staticmethod
     def forward(ctx, y, x, inv_scale, weight):
         ctx.save_for_backward(inv_scale, weight)
+        ctx.x_dtype = x.dtype
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
         inv_scale, weight = ctx.saved_tensors
-        return None, grad * weight * inv_scale if ctx.needs_input_grad[1] else None, None, None
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
+        return None, (grad.to(inv_scale.dtype) * weight * inv_scale).to(ctx.x_dtype), None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,12 +389,15 @@ def _norm_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
 
         def rewrite(y, hook, inputs=inputs, rms=bool(module.uses_rms_norm), eps=_norm_eps(module, model), weight=weight):
             x = inputs.pop("x")
-            centred = x if rms else x - x.mean(-1, keepdim=True)
+            # Statistics in at least float32, as the model's own norm: in float16 the square of a
+            # residual value above 256 overflows, 1/rms becomes 0 and the rule's gradient all zero.
+            wide = _widen(x)
+            centred = wide if rms else wide - wide.mean(-1, keepdim=True)
             inv_scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
             weight = weight.to(centred.dtype)
             if rms:  # the path x * inv_scale * weight, fused (same gradient bit for bit, tested)
                 return _RmsNormRulePath.apply(y, x, inv_scale, weight)
-            return _keep_value(y, centred * inv_scale * weight)
+            return _keep_value(y, (centred * inv_scale * weight).to(y.dtype))
 
         hooks += [(f"{prefix}.hook_in", capture), (f"{prefix}.hook_out", rewrite)]
     return hooks
@@ -407,16 +434,19 @@ def identity_rule(
     ``act(x)/x * x`` with the ratio a constant; where x is exactly 0 the ratio is undefined and `plain`
     is kept (its derivative act'(0) is the limit of act(x)/x for GELU and SiLU), so the gradient is never
     NaN. Without an exact zero (the usual case) `plain` is not used, and not computed if it is a function.
+    For float16/bfloat16 tensors the ratio and the path are computed in float32 and cast back.
     """
-    value = pre.detach()
+    out_dtype = activated.dtype
+    value, wide_pre, wide_activated = _widen(pre.detach()), _widen(pre), _widen(activated.detach())
     if value.numel() and value.abs().amin() > 0:  # no exact zero (nor NaN): one reduction, no bool tensor
         # The same gradient, bit for bit, as the branch below: there ``where`` passes the whole gradient
         # to ``ratio * pre`` and an exact zero to `plain`, which adds nothing.
-        return activated.detach() / value * pre
+        return (wide_activated / value * wide_pre).to(out_dtype)
     zero = value == 0
-    ratio = activated.detach() / torch.where(zero, torch.ones_like(value), value)
+    ratio = wide_activated / torch.where(zero, torch.ones_like(value), value)
     # At an exact zero, act(x)/x is undefined: keep the local derivative there.
-    return torch.where(zero, plain() if callable(plain) else plain, ratio * pre)
+    kept = plain() if callable(plain) else plain
+    return torch.where(zero, _widen(kept), ratio * wide_pre).to(out_dtype)
 
 
 def _eps_denominator(x: torch.Tensor) -> torch.Tensor:
@@ -472,7 +502,9 @@ def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
                 # act(g) is recomputed once, for its value (HF's is inside the product post = act(g) * u;
                 # without a gate, post is act(pre)); no autograd path is built for it.
                 activated = act(pre.detach()) if gated else post.detach()
-                ratio = activated / (_eps_denominator(pre.detach()) if identity_eps else pre.detach())
+                # The ratio in at least float32 (a float16/bfloat16 model's values, divided in float32).
+                wide_pre = _widen(pre.detach())
+                ratio = _widen(activated) / (_eps_denominator(wide_pre) if identity_eps else wide_pre)
                 # An exact zero makes act(0)/0 NaN (or inf), and so the sum; a sum of bounded ratios
                 # (act(x)/x lies in [-0.2, 1.2] for GELU and SiLU) is finite otherwise. One reduction.
                 if bool(torch.isfinite(ratio.sum())):
@@ -768,7 +800,8 @@ def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
     of norm, attention rules at q, k, v and the pattern), since an architecture may honour edits at some
     hook points and ignore them at others: one forward and backward pass per site kind on a short random
     prompt (results cached per model). The gradient, with respect to the residual stream entering block 0
-    (for embedding norms: the norm's input), must be finite and differ from the plain one. It is compared
+    (for embedding norms: the norm's input), must be finite, not all zero (unless the plain one is: an
+    overflow in a rule's statistics once made every score 0 in float16), and differ from the plain one. It is compared
     at positions after the first, since some models carry huge residual values at the first token that can
     hide everything else.
     """
@@ -801,6 +834,14 @@ def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
                 raise RuleNotLiveError(
                     f"rule {rule!r} ({RULES[rule].backward_effect}) gives a non-finite gradient{where} on "
                     f"{model.cfg.model_name} ({model.cfg.architecture}); expected a finite gradient"
+                )
+            if not grad.abs().max().item() > 0 and grad0.abs().max().item() > 0:
+                raise RuleNotLiveError(
+                    f"rule {rule!r} ({RULES[rule].backward_effect}) gives an all-zero gradient{where} on "
+                    f"{model.cfg.model_name} ({model.cfg.architecture}, {model.cfg.dtype}), where the plain "
+                    f"gradient is not (max |plain gradient| {grad0.abs().max().item():.3g}): every score would "
+                    "be 0. Expected a non-zero gradient (a statistic of the rule overflowed or underflowed in "
+                    "the model's precision?)"
                 )
             change = (grad - grad0).abs().max().item()
             if not change > 1e-5 * grad0.abs().max().item():
