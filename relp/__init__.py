@@ -50,7 +50,7 @@ from relp.loading import (
 from relp.patching import activation_patching, attribution_patching, relevance_patching
 from relp.atp_star import atp_star
 from relp.results import PatchingResult, ResultFileError, pool_results
-from relp.rules import PRESETS, RULES, RuleNotLiveError, lrp_rules
+from relp.rules import PRESETS, RULES, RuleContextError, RuleNotLiveError, lrp_rules
 from relp.tokens import to_tokens
 from relp.verification import estimate_then_verify, verify
 from relp.ap_cache import cached_activation_patching
@@ -88,6 +88,7 @@ __all__ = [
     "ResultFileError",
     "ProbDiff",
     "RULES",
+    "RuleContextError",
     "RuleNotLiveError",
     "activation_patching",
     "agreement",

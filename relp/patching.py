@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,15 @@ from relp.interventions import (
 from relp.methods import Cost, register_method, register_preset
 from relp.metrics import check_metric_value, metric_name
 from relp.results import PatchingResult
-from relp.rules import DEFAULT_PRESET, RuleSet, applied_rules, check_rules_live, resolve_rules, rule_forward_contexts
+from relp.rules import (
+    DEFAULT_PRESET,
+    RuleSet,
+    applied_rules,
+    check_no_rule_context,
+    check_rules_live,
+    resolve_rules,
+    rule_forward_contexts,
+)
 from relp.tokens import to_tokens
 
 Tokens = str | Sequence[str] | Int[torch.Tensor, "batch pos"]
@@ -86,6 +95,9 @@ def _check_model(model) -> None:
 
 def _prepare(model, clean, corrupted, metric, components, direction, layers) -> _Run:
     _check_model(model)
+    # Inside `with lrp_rules(model, ...)` every method is refused (RuleContextError): its gradients would
+    # follow the block's rules, not the ones it records. Named after the calling method.
+    check_no_rule_context(model, f"relp.{sys._getframe(1).f_code.co_name}")
     check_eval_mode(model)  # every module, not only the root (model.blocks[0].train() enables dropout too)
     if not callable(metric):
         raise TypeError(

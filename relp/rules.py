@@ -875,6 +875,48 @@ def rule_sites(model) -> dict[str, list[str]]:
     return sites
 
 
+# ----------------------------------------------------------------------------------------------
+# Rule contexts: which models have an lrp_rules block open, so that nothing runs under rules it does not record.
+
+_OPEN_CONTEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the RuleSet of its open block
+
+
+class RuleContextError(RuntimeError):
+    """A relp method, or a second ``lrp_rules``, was called on a model inside an ``lrp_rules`` block on it."""
+
+
+def open_rule_context(model) -> RuleSet | None:
+    """The rule set of the ``lrp_rules`` block open on `model`, or None (the block registers on entry and
+    unregisters on exit, also when an exception leaves it)."""
+    try:
+        return _OPEN_CONTEXTS.get(model)
+    except TypeError:  # not weak-referenceable (not a model): nothing can be open on it
+        return None
+
+
+def check_no_rule_context(model, what: str) -> None:
+    """RuleContextError if an ``lrp_rules`` block is open on `model`: `what` (a relp method, or another
+    ``lrp_rules``) applies its own rules, and under the block's hooks its gradients would follow the
+    block's rules while its result recorded others."""
+    outer = open_rule_context(model)
+    if outer is None:
+        return
+    if what == "relp.lrp_rules":
+        raise RuleContextError(
+            f"relp.lrp_rules was entered on {model.cfg.model_name} inside another lrp_rules block on the same "
+            f"model (active rules: {outer.name}); nested rule contexts are refused, since both rule sets' hooks "
+            "would act at once. Exit the outer block first, or enter one lrp_rules with every rule you want "
+            f"(e.g. lrp_rules(model, {list(outer.active)} + [...]))"
+        )
+    raise RuleContextError(
+        f"{what} was called inside `with relp.lrp_rules(model, ...)` on the same model (active rules: "
+        f"{outer.name}). relp's methods apply their own rules (attribution patching none, relevance patching its "
+        "rules=), so inside the block the gradients would follow the block's rules while the result recorded "
+        f"others. Call {what} outside the block; for relevance patching with these rules pass "
+        f"rules={list(outer.active)!r}"
+    )
+
+
 @contextlib.contextmanager
 def lrp_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET, *, check: bool = True) -> Iterator[RuleSet]:
     """Context manager: register the hooks of a rule set (a preset name or rule names) on `model`.
@@ -882,10 +924,23 @@ def lrp_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET, *, chec
     Inside the block every forward pass computes the same values as without the rules, and every
     backward pass follows the rules. Yields the resolved RuleSet. Hooks are removed on exit, also when
     an exception is raised inside the block.
+
+    The block is for your own code. relp's methods (activation, attribution and relevance patching,
+    AtP*, the path methods, ``changed_cells``) apply their own rules and refuse to run on a model with an
+    open block (:class:`RuleContextError`, naming the block's rules): inside it, attribution patching
+    would return RelP scores recorded as AtP, and relevance patching would record rules that are not
+    the ones acting. Activation patching is refused too, for one rule for all: its values would not
+    change, except that on BERT-style models a pattern rule swaps the attention kernel. Nesting a second
+    ``lrp_rules`` on the same model is refused as well; blocks on different models are independent.
     """
     check_rules_usable(model)  # training or inference mode: an error naming that, not a rule
+    check_no_rule_context(model, "relp.lrp_rules")
     rule_set = resolve_rules(model, rules)
     if check:
         check_rules_live(model, rule_set)
     with applied_rules(model, rule_set):
-        yield rule_set
+        _OPEN_CONTEXTS[model] = rule_set
+        try:
+            yield rule_set
+        finally:
+            _OPEN_CONTEXTS.pop(model, None)

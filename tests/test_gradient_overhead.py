@@ -389,6 +389,13 @@ def test_rule_hooks_do_not_change_any_activation_bitwise(arch, dtype):
         assert torch.equal(_bits(ruled_logits), _bits(plain_logits))
 
 
+def _atp_under(model, rules, clean, corrupted, metric, components):
+    """The old protocol: attribution patching with both runs under the rules' hooks (and contexts). Through
+    ``applied_rules``: a method inside ``lrp_rules`` is refused (relp.RuleContextError)."""
+    with applied_rules(model, resolve_rules(model, rules)):
+        return relp.attribution_patching(model, clean, corrupted, metric, components)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_relevance_patching_scores_equal_those_with_the_source_run_under_the_rules(arch, dtype):
@@ -399,8 +406,7 @@ def test_relevance_patching_scores_equal_those_with_the_source_run_under_the_rul
     components = COMPONENTS
     for rules in ("relp", "relp+ah", "attnlrp", "ln"):
         new = relp.relevance_patching(model, clean, corrupted, metric, components, rules=rules)
-        with lrp_rules(model, rules):
-            old = relp.attribution_patching(model, clean, corrupted, metric, components)
+        old = _atp_under(model, rules, clean, corrupted, metric, components)
         for component in components:
             assert new[component].abs().max() > 0
             assert torch.equal(new[component], old[component]), f"{arch} {dtype} {rules} {component}"
@@ -416,8 +422,7 @@ def test_ah_fallback_stays_in_the_source_run_where_it_changes_the_kernel():
     clean, corrupted, metric = _prompts(model)
     components = ["resid_pre", "attn_out", "mlp_out"]
     new = relp.relevance_patching(model, clean, corrupted, metric, components, rules="relp+ah")
-    with lrp_rules(model, "relp+ah"):
-        old = relp.attribution_patching(model, clean, corrupted, metric, components)
+    old = _atp_under(model, "relp+ah", clean, corrupted, metric, components)
     assert {c._attn_implementation for c in rules_module._hf_configs(model)} == {"sdpa"}
     for component in components:
         assert torch.equal(new[component], old[component]), component
