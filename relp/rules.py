@@ -526,7 +526,9 @@ def _mlp_hooks(model, active: frozenset[str], names: HookNames) -> list[Hook]:
     return hooks
 
 
-def softmax_temperature_path(pattern: torch.Tensor, temperature: float = SOFTMAX_TEMPERATURE) -> torch.Tensor:
+def softmax_temperature_path(
+    pattern: torch.Tensor, temperature: float = SOFTMAX_TEMPERATURE, scores: torch.Tensor | None = None
+) -> torch.Tensor:
     """The attention pattern p = softmax(s) with the backward pass of softmax at `temperature` (GIM).
 
     Forward: `pattern`, bit for bit. Backward: the gradient g reaching the pattern goes on to the scores
@@ -536,21 +538,38 @@ def softmax_temperature_path(pattern: torch.Tensor, temperature: float = SOFTMAX
     with respect to s (the Jacobian of softmax(s/T) annihilates the constant shift). Masked entries
     (p == 0, also p underflowed to 0, whose weight at T would be below exp(-40)) get q = 0 and no NaN; a row
     without a positive entry gets no gradient. Computed in float32 for float16/bfloat16 patterns.
+
+    With `scores` (the pre-softmax scores whose softmax `pattern` is, any shift per row allowed), the path
+    is built from them instead, at the entries where p > 0: the same q, but the gradient goes straight to
+    the scores instead of through the pattern and the model's own softmax backward, which needs g / p at
+    the pattern. In float16, g / p overflows for tiny p (measured on SmolLM2-135M: a non-finite gradient),
+    so the rules pass the scores for float16 and bfloat16 models.
     """
-    work = pattern.float() if pattern.dtype in (torch.float16, torch.bfloat16) else pattern
+    work = _widen(pattern)
     positive = work > 0
-    log_p = torch.log(torch.where(positive, work, torch.ones_like(work)))
+    if scores is not None:
+        logits = torch.where(positive, _widen(scores), float("-inf"))  # no gradient to masked entries
+    else:
+        logits = torch.log(torch.where(positive, work, torch.ones_like(work)))
     fill = torch.where(positive.any(-1, keepdim=True), float("-inf"), 0.0).to(work.dtype)
-    log_p = torch.where(positive, log_p, fill)
-    path = temperature * torch.softmax(log_p / temperature, dim=-1)
+    logits = torch.where(positive, logits, fill)
+    path = temperature * torch.softmax(logits / temperature, dim=-1)
     return _keep_value(pattern, path.to(pattern.dtype))
 
 
-# The transform each pattern rule applies to the attention pattern (at hook_pattern or in the fallback).
-_PATTERN_RULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "ah": torch.Tensor.detach,
+def _detach_pattern(pattern: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """The AH-rule's transform: the pattern as a constant."""
+    return pattern.detach()
+
+
+# The transform each pattern rule applies to the attention pattern (at hook_pattern or in the fallback),
+# called as transform(pattern, scores=...) with the pre-softmax scores where the rule needs them.
+_PATTERN_RULES: dict[str, Callable[..., torch.Tensor]] = {
+    "ah": _detach_pattern,
     "softmax_t2": softmax_temperature_path,
 }
+# The pattern rules that read the scores in float16/bfloat16 models (see softmax_temperature_path).
+_NEEDS_SCORES_IN_HALF = frozenset({"softmax_t2"})
 
 
 def _pattern_rule(active: Collection[str]) -> str | None:
@@ -569,7 +588,21 @@ def _attention_hooks(model, active: frozenset[str], names: HookNames) -> list[Ho
         prefix = f"blocks.{layer}.attn"
         if pattern_hook:
             transform = _PATTERN_RULES[pattern_rule]
-            hooks.append((f"{prefix}.hook_pattern", lambda x, hook, t=transform: t(x)))
+            scores_name = f"{prefix}.hook_attn_scores"
+            if pattern_rule in _NEEDS_SCORES_IN_HALF and model.cfg.dtype in _HALF and scores_name in names:
+                captured: dict[str, torch.Tensor] = {}
+
+                def capture_scores(x, hook, captured=captured):
+                    captured["scores"] = x
+                    return x
+
+                def from_scores(x, hook, t=transform, captured=captured):
+                    scores = captured.pop("scores", None)
+                    return t(x, scores=scores if scores is not None and scores.shape == x.shape else None)
+
+                hooks += [(scores_name, capture_scores), (f"{prefix}.hook_pattern", from_scores)]
+            else:
+                hooks.append((f"{prefix}.hook_pattern", lambda x, hook, t=transform: t(x)))
         if "attnlrp" in active:
             for name, factor in (("q", 0.25), ("k", 0.25), ("v", 0.5)):
                 hooks.append((f"{prefix}.hook_{name}", lambda x, hook, f=factor: _ScaleGrad.apply(x, f)))
@@ -608,7 +641,7 @@ def _lrp_eager_attention(module, query, key, value, attention_mask, scaling=None
     weights = torch.nn.functional.softmax(scores, dim=-1)  # in the input dtype, as BERT's eager attention
     transform = _PATTERN_TRANSFORM.get()
     if transform is not None:
-        weights = transform(weights)
+        weights = transform(weights, scores=scores if weights.dtype in _HALF else None)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
@@ -783,6 +816,8 @@ def _site_parts(model, rule: str, hooks: list[Hook], names: HookNames) -> dict[s
     for hook in hooks:
         if site == "attention":
             part = hook[0].rsplit(".", 1)[-1]
+            if part == "hook_attn_scores":  # softmax_t2's capture of the scores (half precision) acts at the pattern
+                part = "hook_pattern"
         elif site == "norm":
             part = f"{kinds.get(hook[0].rsplit('.', 1)[0], 'other')} norms"
         else:

@@ -176,3 +176,35 @@ def test_all_zero_gradient_is_refused_even_when_it_differs_from_the_plain_one(mo
     with pytest.raises(RuleNotLiveError, match="all-zero gradient at final norms"):
         check_rules_live(full, resolve_rules(full, "ln"), force=True)
     rules_module._LIVENESS_CACHE.pop(full, None)
+
+
+def test_softmax_t2_from_scores_stays_finite_in_float16_where_the_pattern_path_overflows():
+    """softmax_t2 built from the pattern sends g / p through the pattern, which overflows float16 for tiny
+    p (the embedded SmolLM2 in float16 gave a non-finite gradient); built from the scores, the gradient is
+    GIM's q * (g - <g, q>), q = softmax(s / 2), computed here in float64 as the reference."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64) * 3
+    scores[..., 0] += 14.0  # an attention sink: the other weights down to ~1e-7, below float16's normal range
+    scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))  # causal mask
+    # g / p at the pattern reaches |g| sqrt(n / p): with p ~ 6e-8 (float16's smallest) and |g| ~ 10, above 65504
+    upstream = 10 * torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    q = torch.softmax(scores / 2, dim=-1)
+    expected = q * (upstream - (upstream * q).sum(-1, keepdim=True))
+
+    def gradient(dtype, with_scores):
+        s = scores.to(dtype).requires_grad_(True)
+        # as the models: softmax in at least float32, cast back
+        pattern = torch.softmax(s.to(torch.promote_types(dtype, torch.float32)), dim=-1).to(dtype)
+        out = rules_module.softmax_temperature_path(pattern, scores=s if with_scores else None)
+        assert torch.equal(out, pattern)  # the forward value, bit for bit
+        (grad,) = torch.autograd.grad((out * upstream.to(dtype)).sum(), s)
+        return grad.double()
+
+    for with_scores in (False, True):  # float64: both constructions are GIM's formula
+        torch.testing.assert_close(gradient(torch.float64, with_scores), expected, rtol=1e-9, atol=1e-12)
+    assert not torch.isfinite(gradient(torch.float16, with_scores=False)).all()  # the old path in float16
+    half = gradient(torch.float16, with_scores=True)
+    assert torch.isfinite(half).all()
+    # float16 rounding of the scores (|s| <= ~20: 2^-11 relative, ~1e-2 absolute, in exp(s / 2)) and of the
+    # upstream gradient and the result (2^-11): a few percent of the largest entry
+    torch.testing.assert_close(half, expected, rtol=0, atol=0.03 * expected.abs().max().item())
