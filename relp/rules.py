@@ -48,7 +48,14 @@ derivatives untouched. AttnLRP: Achtibat et al. 2024, arXiv 2402.05602.
 :func:`rule_sites` lists where each rule acts on a given model.
 ``lrp_rules(model, "relp")`` registers the hooks for the duration of a ``with`` block, after checking
 on the actual model that every rule is live at each kind of site it acts on (changes the gradient there,
-finitely, and leaves the forward values alone); hooks are removed on exit, also when an exception is raised.
+finitely and not to all zeros, and leaves the forward values alone); hooks are removed on exit, also when
+an exception is raised. While a block is open on a model, relp's methods and a nested ``lrp_rules`` on
+that model refuse with :class:`RuleContextError` (they apply rules of their own).
+
+Precision: in float16 and bfloat16 models every rule computes its statistics in float32 (the norm scale,
+the Identity-rule's ratio act(x)/x, the T=2 softmax, which there is built from the pre-softmax scores),
+as the models' own norms do, and casts the result back; float32 and float64 models compute exactly as
+before. (In float16 the square of a residual value above 256 overflows: 1/rms became 0 and RelP all zero.)
 
 >>> from relp.testing import tiny_model
 >>> model = tiny_model("llama")
@@ -836,9 +843,9 @@ def check_rules_live(model, rules: RuleSet, *, force: bool = False) -> None:
     hook points and ignore them at others: one forward and backward pass per site kind on a short random
     prompt (results cached per model). The gradient, with respect to the residual stream entering block 0
     (for embedding norms: the norm's input), must be finite, not all zero (unless the plain one is: an
-    overflow in a rule's statistics once made every score 0 in float16), and differ from the plain one. It is compared
-    at positions after the first, since some models carry huge residual values at the first token that can
-    hide everything else.
+    overflow in a rule's statistics once made every score 0 in float16), and differ from the plain one.
+    It is compared at positions after the first, since some models carry huge residual values at the
+    first token that can hide everything else.
     """
     check_rules_usable(model)  # training or inference mode: an error naming that, not a rule
     cache = _LIVENESS_CACHE.setdefault(model, set())
