@@ -311,7 +311,9 @@ def test_grad_drop_with_qk_fix_is_the_average_of_dropped_fixed_scores():
 
 def test_registered():
     method = get_method("atp_star")
-    assert method.function is relp.atp_star and method.label == "AtP*" and method.options == ("rules", "logits_to_keep")
+    assert method.function is relp.atp_star and method.label == "AtP*" and method.options == ("logits_to_keep",)
+    preset = get_method("relp_qk")  # AtP* under the RelP rules: a preset with its own key
+    assert preset.function is relp.atp_star and dict(preset.defaults) == {"rules": "relp"}
     assert get_method("AtP*") is method
 
 

@@ -362,13 +362,17 @@ def test_path_methods_with_an_embedding_metric():
 
 def test_registry_entries():
     for key, function, label, options in [
-        ("two_point", relp.two_point_patching, "2pt", ("rules", "logits_to_keep")),
-        ("ig", relp.integrated_gradients, "IG", ("rules", "steps", "logits_to_keep", "batch_size")),
-        ("ig_inputs", relp.integrated_gradients_inputs, "IG-in", ("rules", "steps", "logits_to_keep")),
+        ("two_point", relp.two_point_patching, "2pt", ("logits_to_keep",)),
+        ("ig", relp.integrated_gradients, "IG", ("steps", "logits_to_keep", "batch_size")),
+        ("ig_inputs", relp.integrated_gradients_inputs, "IG-in", ("steps", "logits_to_keep")),
     ]:
         method = get_method(key)
         assert method.function is function and method.label == label and method.options == options
         assert get_method(function.__name__) is method and not method.standard
+        # the same method under the RelP rules is a preset with its own key (the experiments' --rules
+        # reaches only methods whose default is a rule set)
+        preset = get_method(f"{key}_relp")
+        assert preset.function is function and dict(preset.defaults) == {"rules": "relp"}
 
 
 @pytest.fixture(scope="module")
