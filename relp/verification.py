@@ -38,11 +38,16 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+import relp.components
+
 from relp.components import BLOCK_COMPONENTS, resolve_layers
-from relp.methods import Cost, Method, get_method, register_method
+from relp.methods import Cost, Method, get_method, register_method, register_preset
 from relp.metrics import metric_name
 from relp.results import PatchingResult
 from relp.tokens import to_tokens
+
+#: Components that are the residual stream (verified along the changed tokens with ``token_columns``).
+RESIDUAL_STREAMS = ("resid_pre", "resid_mid", "resid_post")
 
 #: Metadata copied from the estimate (what describes the prompts, not the method).
 _KEPT_METADATA = ("n_prompts", "n_positions", "readout", "position_labels")
@@ -105,6 +110,7 @@ def verify(
     sample: int | float = 0,
     seed: int = 0,
     per_component: bool = True,
+    token_columns: bool = False,
     direction: str | None = None,
     layers: Iterable[int] | None = None,
     batch_size: int | None = None,
@@ -118,8 +124,13 @@ def verify(
     result : the estimate (any method's result on these prompts, metric, direction and layers).
     model, clean, corrupted, metric : what `result` was computed on (checked: a clear error otherwise).
     k : cells to verify: an int, or a float in (0, 1] for a share (rounded up) of the changed cells
-        (whose activation differs between the runs; the others have an AP of exactly 0). With `per_component` (default) the k highest-|score| cells of each component (an int
-        k: at most k per component); else of all components together.
+        (whose activation differs between the runs; the others have an AP of exactly 0). With
+        `per_component` (default) the k highest-|score| cells of each component (an int k: at most k per
+        component); else of all components together.
+    token_columns : also verify the residual stream (resid_pre, resid_mid, resid_post) at every position
+        where the clean and corrupted tokens differ, at every layer (the top-k cells are then chosen from
+        the rest). Patching the stream at a changed token swaps the token: the most nonlinear cells of a
+        map, where linear estimates can miss by the whole effect, with either sign (see the README).
     sample : unverified cells to patch as well, drawn uniformly (``torch.Generator`` seeded with `seed`):
         an int, or a float in (0, 1] for a share of the unverified cells.
     direction, layers : None (the result's), or the expected ones (checked).
@@ -165,12 +176,27 @@ def verify(
         if per_component else [candidates]
     )
     chosen = []
+    if token_columns:
+        # the residual stream at every changed token, all layers: a token swap there is the most nonlinear
+        # effect of all (AtP and RelP can miss it by the whole effect, with either sign)
+        differs = (clean_tokens != corrupted_tokens).any(dim=0).cpu()
+        for j, name in enumerate(names):
+            if name not in RESIDUAL_STREAMS:
+                continue
+            component = relp.components.COMPONENTS[name]
+            column = torch.zeros(result.scores[name].shape, dtype=torch.bool)
+            index = [slice(None)] * column.ndim
+            index[component.axes.index("position")] = differs
+            column[tuple(index)] = True
+            chosen.append(np.flatnonzero(column.reshape(-1).numpy()) + offsets[j])
+        taken = np.concatenate(chosen) if chosen else np.array([], dtype=np.int64)
+        groups = [np.setdiff1d(group, taken) for group in groups]
     for group in groups:
         count = min(int(k), len(group)) if per_component and not isinstance(k, float) else None
         count = _count(k, len(group), "k", "changed cells") if count is None else count
         # ties: component order, then cell index
         chosen.append(group[np.argsort(-np.abs(everything[group]), kind="stable")[:count]])
-    verified = np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
+    verified = np.unique(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
     n_verified = len(verified)
     rest = np.setdiff1d(np.arange(n_cells), verified)
     n_sampled = _count(sample, len(rest), "sample", "unverified cells") if sample else 0
@@ -233,7 +259,7 @@ def verify(
                 "method": result.method, "label": result.label, "rules": list(result.rules),
                 "forward_equivalents": estimate_cost, "seconds": result.seconds,
             },
-            "k": k, "sample": sample, "seed": int(seed), "per_component": per_component,
+            "k": k, "sample": sample, "seed": int(seed), "per_component": per_component, "token_columns": token_columns,
             "n_candidates": int(len(candidates)),
             "n_cells": n_cells, "n_verified": n_verified, "n_sampled": n_sampled, "n_unverified": n_unverified,
             "verified": verified_cells,
@@ -292,6 +318,7 @@ def estimate_then_verify(
     sample: int | float = 0,
     seed: int = 0,
     per_component: bool = True,
+    token_columns: bool = False,
     rules: str | Iterable[str] | None = None,
     direction: str = "denoising",
     layers: Iterable[int] | None = None,
@@ -319,7 +346,7 @@ def estimate_then_verify(
             options[name] = value
     result = method(model, clean, corrupted, metric, components, **options)
     return verify(
-        result, model, clean, corrupted, metric, k=k, sample=sample, seed=seed, per_component=per_component,
+        result, model, clean, corrupted, metric, k=k, sample=sample, seed=seed, per_component=per_component, token_columns=token_columns,
         direction=direction, layers=layers,
         batch_size=batch_size, progress=progress, logits_to_keep=logits_to_keep,
     )
@@ -329,3 +356,9 @@ def _takes(method: Method, option: str) -> bool:
     import inspect
 
     return option not in method.defaults and option in inspect.signature(method.function).parameters
+
+
+register_preset(
+    "atp_verify", "verify", {"estimate": "atp", "token_columns": True}, label="AtP+verify", color="indigo",
+    display_name="AtP, then AP on the residual stream at the changed tokens and on each component's top k",
+)

@@ -382,3 +382,22 @@ def test_fingerprint_samples_the_last_element_of_a_huge_parameter():
     before = model_fingerprint(module)
     module.weight.data[-1] = 1.0
     assert model_fingerprint(module) != before
+
+
+def test_token_columns_verify_the_residual_stream_at_every_changed_token(setup):
+    """With token_columns the resid_pre cells at the positions where the prompts differ (2 and 4 here,
+    from the prompts alone) are verified at every layer, on top of each component's own top k."""
+    model, clean, corrupted, metric, full, estimate, _ = setup
+    differs = (clean != corrupted).any(dim=0)
+    assert differs.nonzero().reshape(-1).tolist() == [2, 4]
+    verified = relp.verify(estimate, model, clean, corrupted, metric, k=1, token_columns=True)
+    masks = cell_masks(verified)
+    assert masks["resid_pre"][:, differs].all()
+    torch.testing.assert_close(verified["resid_pre"][:, differs], full["resid_pre"][:, differs], **CLOSE)
+    # one more resid_pre cell (k=1 of the rest), one cell of every other component
+    assert int(masks["resid_pre"].sum()) == int(differs.sum()) * full["resid_pre"].shape[0] + 1
+    assert all(int(masks[name].sum()) == 1 for name in COMPONENTS if name != "resid_pre")
+    preset = get_method("atp_verify")
+    via_preset = preset(model, clean, corrupted, metric, COMPONENTS, k=1)
+    assert via_preset.method == "atp_verify" and via_preset.metadata["estimate"]["method"] == "attribution_patching"
+    assert via_preset.metadata["token_columns"] is True and cell_masks(via_preset)["resid_pre"][:, differs].all()
