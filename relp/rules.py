@@ -198,6 +198,13 @@ def resolve_rules(model, rules: str | Iterable[str] | None = DEFAULT_PRESET) -> 
         for kind in sorted(requested_kinds - present):
             not_applicable[f"ln_{kind}"] = f"the model has no {_NORM_KIND_WORDS[kind]}"
     active = tuple(dict.fromkeys(n for n in names if n not in not_applicable))
+    if names and not active:
+        # e.g. rules="half" on GPT-2: no rule would act, and RelP would be plain AtP under RelP's name
+        reasons = "; ".join(f"{rule}: {why}" for rule, why in not_applicable.items())
+        raise ValueError(
+            f"none of the requested rules {list(names)} applies to {model.cfg.model_name} ({reasons}); expected at "
+            f"least one rule that acts on this model, or rules='gradient' for plain gradients"
+        )
     return RuleSet(requested=tuple(names), active=active, not_applicable=not_applicable)
 
 
