@@ -127,9 +127,10 @@ def verify(
         (whose activation differs between the runs; the others have an AP of exactly 0). With
         `per_component` (default) the k highest-|score| cells of each component (an int k: at most k per
         component); else of all components together.
-    token_columns : also verify the residual stream (resid_pre, resid_mid, resid_post) at every position
-        where the clean and corrupted tokens differ, at every layer (the top-k cells are then chosen from
-        the rest). Patching the stream at a changed token swaps the token: the most nonlinear cells of a
+    token_columns : also verify, at every position where the clean and corrupted tokens differ, the
+        residual stream (resid_pre, resid_mid, resid_post) at every layer and every other component's
+        cells of layer 0 (the top-k cells are then chosen from the rest). Patching the stream at a changed
+        token swaps the token, and the first block reads the token itself: the most nonlinear cells of a
         map, where linear estimates can miss by the whole effect, with either sign (see the README).
     sample : unverified cells to patch as well, drawn uniformly (``torch.Generator`` seeded with `seed`):
         an int, or a float in (0, 1] for a share of the unverified cells.
@@ -177,16 +178,20 @@ def verify(
     )
     chosen = []
     if token_columns:
-        # the residual stream at every changed token, all layers: a token swap there is the most nonlinear
-        # effect of all (AtP and RelP can miss it by the whole effect, with either sign)
+        # the residual stream at every changed token, all layers, and the first block's cells there: they
+        # carry (or read) the swapped token itself, the most nonlinear effect of all (AtP and RelP can miss
+        # it by the whole effect, with either sign)
         differs = (clean_tokens != corrupted_tokens).any(dim=0).cpu()
+        first = [i for i, layer in enumerate(result.layers) if layer == 0]
         for j, name in enumerate(names):
-            if name not in RESIDUAL_STREAMS:
+            if name not in RESIDUAL_STREAMS and not first:
                 continue
             component = relp.components.COMPONENTS[name]
             column = torch.zeros(result.scores[name].shape, dtype=torch.bool)
             index = [slice(None)] * column.ndim
             index[component.axes.index("position")] = differs
+            if name not in RESIDUAL_STREAMS:  # the first block's cells at a changed token
+                index[0] = first[0]
             column[tuple(index)] = True
             chosen.append(np.flatnonzero(column.reshape(-1).numpy()) + offsets[j])
         taken = np.concatenate(chosen) if chosen else np.array([], dtype=np.int64)
@@ -359,6 +364,6 @@ def _takes(method: Method, option: str) -> bool:
 
 
 register_preset(
-    "atp_verify", "verify", {"estimate": "atp", "token_columns": True}, label="AtP+verify", color="indigo",
-    display_name="AtP, then AP on the residual stream at the changed tokens and on each component's top k",
+    "atp_verify", "verify", {"estimate": "atp", "token_columns": True, "rules": None}, label="AtP+verify",
+    color="indigo", display_name="AtP, then AP on the changed tokens' columns and on each component's top k",
 )

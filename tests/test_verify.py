@@ -386,7 +386,8 @@ def test_fingerprint_samples_the_last_element_of_a_huge_parameter():
 
 def test_token_columns_verify_the_residual_stream_at_every_changed_token(setup):
     """With token_columns the resid_pre cells at the positions where the prompts differ (2 and 4 here,
-    from the prompts alone) are verified at every layer, on top of each component's own top k."""
+    from the prompts alone) are verified at every layer, and every other component's layer-0 cells there,
+    on top of each component's own top k."""
     model, clean, corrupted, metric, full, estimate, _ = setup
     differs = (clean != corrupted).any(dim=0)
     assert differs.nonzero().reshape(-1).tolist() == [2, 4]
@@ -394,9 +395,16 @@ def test_token_columns_verify_the_residual_stream_at_every_changed_token(setup):
     masks = cell_masks(verified)
     assert masks["resid_pre"][:, differs].all()
     torch.testing.assert_close(verified["resid_pre"][:, differs], full["resid_pre"][:, differs], **CLOSE)
-    # one more resid_pre cell (k=1 of the rest), one cell of every other component
+    # one more resid_pre cell (k=1 of the rest); the layer-0 column and one more cell of every other component
     assert int(masks["resid_pre"].sum()) == int(differs.sum()) * full["resid_pre"].shape[0] + 1
-    assert all(int(masks[name].sum()) == 1 for name in COMPONENTS if name != "resid_pre")
+    for name in COMPONENTS:
+        if name == "resid_pre":
+            continue
+        axis = relp.COMPONENTS[name].axes.index("position")
+        column = masks[name][0].movedim(axis - 1, 0)[differs]  # layer 0, positions 2 and 4
+        assert column.all(), name
+        assert int(masks[name].sum()) == column.numel() + 1, name
+        torch.testing.assert_close(verified[name][masks[name]], full[name][masks[name]], **CLOSE)
     preset = get_method("atp_verify")
     via_preset = preset(model, clean, corrupted, metric, COMPONENTS, k=1)
     assert via_preset.method == "atp_verify" and via_preset.metadata["estimate"]["method"] == "attribution_patching"
