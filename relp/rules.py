@@ -914,7 +914,9 @@ def rule_sites(model) -> dict[str, list[str]]:
     names = model.hook_dict
     sites: dict[str, list[str]] = {}
     for rule in RULES:
-        if rule not in resolve_rules(model, [rule]).active:
+        try:
+            resolve_rules(model, [rule])
+        except ValueError:  # the rule does not apply to this model (e.g. half without a gated MLP)
             sites[rule] = []
             continue
         prefixes = dict.fromkeys(name.rsplit(".", 1)[0] for name, _ in rule_hooks(model, [rule], names=names))
