@@ -539,9 +539,12 @@ def plot_pareto(study: Mapping, *, statistics: Sequence[str] = ("pearson", "spea
         reference = [k for k in costs if k not in study["agreement"]]
         for key in reference:
             points[key] = (costs[key], 1.0)
+        shared: dict[tuple[float, float], list[str]] = {}  # methods with the same cost and agreement share a label
         for key, (x, y) in points.items():
             ax.scatter([x], [y], color=method_color(key) or "0.3", s=36, zorder=3)
-            ax.annotate(method_label(key), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            shared.setdefault((round(x, 6), round(y, 4)), []).append(method_label(key))
+        for (x, y), labels in shared.items():
+            ax.annotate(" = ".join(labels), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         front, best = [], -np.inf
         for key, (x, y) in sorted(points.items(), key=lambda item: (item[1][0], -item[1][1])):
             if y > best:
@@ -549,7 +552,7 @@ def plot_pareto(study: Mapping, *, statistics: Sequence[str] = ("pearson", "spea
                 best = y
         if len(front) > 1:
             ax.plot(*zip(*front), color="0.5", lw=1, ls="--", zorder=2, label="Pareto front")
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="best")
         ax.set_xscale("log")
         ax.set_xlabel("cost (forward-pass equivalents)")
         ax.set_ylabel(f"mean {statistic} with activation patching")
