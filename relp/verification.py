@@ -110,7 +110,7 @@ def verify(
     sample: int | float = 0,
     seed: int = 0,
     per_component: bool = True,
-    token_columns: bool = False,
+    token_columns: bool | str = False,
     direction: str | None = None,
     layers: Iterable[int] | None = None,
     batch_size: int | None = None,
@@ -132,6 +132,9 @@ def verify(
         cells of layer 0 (the top-k cells are then chosen from the rest). Patching the stream at a changed
         token swaps the token, and the first block reads the token itself: the most nonlinear cells of a
         map, where linear estimates can miss by the whole effect, with either sign (see the README).
+        ``"all"``: every component's cells at the changed tokens at every layer (on an encoder, where
+        every layer's attention and MLP at a changed token read it, e.g. MiniLM; costs layers x changed
+        tokens x cells per position, more than the residual columns).
     sample : unverified cells to patch as well, drawn uniformly (``torch.Generator`` seeded with `seed`):
         an int, or a float in (0, 1] for a share of the unverified cells.
     direction, layers : None (the result's), or the expected ones (checked).
@@ -177,20 +180,23 @@ def verify(
         if per_component else [candidates]
     )
     chosen = []
+    if token_columns not in (False, True, "all"):
+        raise ValueError(f"token_columns must be False, True (the residual stream) or 'all' (every component); got {token_columns!r}")
     if token_columns:
         # the residual stream at every changed token, all layers, and the first block's cells there: they
         # carry (or read) the swapped token itself, the most nonlinear effect of all (AtP and RelP can miss
         # it by the whole effect, with either sign)
         differs = (clean_tokens != corrupted_tokens).any(dim=0).cpu()
         first = [i for i, layer in enumerate(result.layers) if layer == 0]
+        every_layer = set(names) if token_columns == "all" else set(RESIDUAL_STREAMS)
         for j, name in enumerate(names):
-            if name not in RESIDUAL_STREAMS and not first:
+            if name not in every_layer and not first:
                 continue
             component = relp.components.COMPONENTS[name]
             column = torch.zeros(result.scores[name].shape, dtype=torch.bool)
             index = [slice(None)] * column.ndim
             index[component.axes.index("position")] = differs
-            if name not in RESIDUAL_STREAMS:  # the first block's cells at a changed token
+            if name not in every_layer:  # the first block's cells at a changed token
                 index[0] = first[0]
             column[tuple(index)] = True
             chosen.append(np.flatnonzero(column.reshape(-1).numpy()) + offsets[j])
@@ -323,7 +329,7 @@ def estimate_then_verify(
     sample: int | float = 0,
     seed: int = 0,
     per_component: bool = True,
-    token_columns: bool = False,
+    token_columns: bool | str = False,
     rules: str | Iterable[str] | None = None,
     direction: str = "denoising",
     layers: Iterable[int] | None = None,
@@ -366,4 +372,8 @@ def _takes(method: Method, option: str) -> bool:
 register_preset(
     "atp_verify", "verify", {"estimate": "atp", "token_columns": True, "rules": None}, label="AtP+verify",
     color="indigo", display_name="AtP, then AP on the changed tokens' columns and on each component's top k",
+)
+register_preset(
+    "atp_verify_all", "verify", {"estimate": "atp", "token_columns": "all", "rules": None}, label="AtP+verify-all",
+    color="slateblue", display_name="AtP, then AP on every component at the changed tokens and on each component's top k",
 )

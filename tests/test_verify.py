@@ -409,3 +409,18 @@ def test_token_columns_verify_the_residual_stream_at_every_changed_token(setup):
     via_preset = preset(model, clean, corrupted, metric, COMPONENTS, k=1)
     assert via_preset.method == "atp_verify" and via_preset.metadata["estimate"]["method"] == "attribution_patching"
     assert via_preset.metadata["token_columns"] is True and cell_masks(via_preset)["resid_pre"][:, differs].all()
+
+
+def test_token_columns_all_verify_every_component_at_every_layer(setup):
+    model, clean, corrupted, metric, full, estimate, _ = setup
+    differs = (clean != corrupted).any(dim=0)
+    verified = relp.verify(estimate, model, clean, corrupted, metric, k=1, token_columns="all")
+    masks = cell_masks(verified)
+    for name in COMPONENTS:
+        axis = relp.COMPONENTS[name].axes.index("position")
+        column = masks[name].movedim(axis, 0)[differs]  # every layer, positions 2 and 4
+        assert column.all(), name
+        torch.testing.assert_close(verified[name][masks[name]], full[name][masks[name]], **CLOSE)
+    assert get_method("atp_verify_all")(model, clean, corrupted, metric, COMPONENTS, k=1).metadata["token_columns"] == "all"
+    with pytest.raises(ValueError, match="token_columns must be False, True"):
+        relp.verify(estimate, model, clean, corrupted, metric, token_columns="residual")
