@@ -132,9 +132,9 @@ def verify(
         cells of layer 0 (the top-k cells are then chosen from the rest). Patching the stream at a changed
         token swaps the token, and the first block reads the token itself: the most nonlinear cells of a
         map, where linear estimates can miss by the whole effect, with either sign (see the README).
-        ``"all"``: every component's cells at the changed tokens at every layer (on an encoder, where
-        every layer's attention and MLP at a changed token read it, e.g. MiniLM; costs layers x changed
-        tokens x cells per position, more than the residual columns).
+        ``"blocks"``: attn_out and mlp_out too at every layer (on an encoder every layer's attention and MLP
+        at a changed token read it: MiniLM); ``"all"``: every component, heads and neurons included (costs
+        layers x changed tokens x cells per position).
     sample : unverified cells to patch as well, drawn uniformly (``torch.Generator`` seeded with `seed`):
         an int, or a float in (0, 1] for a share of the unverified cells.
     direction, layers : None (the result's), or the expected ones (checked).
@@ -180,15 +180,20 @@ def verify(
         if per_component else [candidates]
     )
     chosen = []
-    if token_columns not in (False, True, "all"):
-        raise ValueError(f"token_columns must be False, True (the residual stream) or 'all' (every component); got {token_columns!r}")
+    if not any(token_columns is value or token_columns == value for value in (False, True, "blocks", "all")):
+        raise ValueError(
+            f"token_columns must be False, True (the residual stream), 'blocks' (and attn_out, mlp_out) or 'all' "
+            f"(every component); got {token_columns!r}"
+        )
     if token_columns:
         # the residual stream at every changed token, all layers, and the first block's cells there: they
         # carry (or read) the swapped token itself, the most nonlinear effect of all (AtP and RelP can miss
         # it by the whole effect, with either sign)
         differs = (clean_tokens != corrupted_tokens).any(dim=0).cpu()
         first = [i for i, layer in enumerate(result.layers) if layer == 0]
-        every_layer = set(names) if token_columns == "all" else set(RESIDUAL_STREAMS)
+        every_layer = {
+            True: set(RESIDUAL_STREAMS), "blocks": {*RESIDUAL_STREAMS, "attn_out", "mlp_out"}, "all": set(names)
+        }[token_columns]
         for j, name in enumerate(names):
             if name not in every_layer and not first:
                 continue
@@ -374,6 +379,7 @@ register_preset(
     color="indigo", display_name="AtP, then AP on the changed tokens' columns and on each component's top k",
 )
 register_preset(
-    "atp_verify_all", "verify", {"estimate": "atp", "token_columns": "all", "rules": None}, label="AtP+verify-all",
-    color="slateblue", display_name="AtP, then AP on every component at the changed tokens and on each component's top k",
+    "atp_verify_blocks", "verify", {"estimate": "atp", "token_columns": "blocks", "rules": None},
+    label="AtP+verify-blocks", color="slateblue",
+    display_name="AtP, then AP on the residual stream, attention and MLP outputs at the changed tokens and on each component's top k",
 )

@@ -421,6 +421,12 @@ def test_token_columns_all_verify_every_component_at_every_layer(setup):
         column = masks[name].movedim(axis, 0)[differs]  # every layer, positions 2 and 4
         assert column.all(), name
         torch.testing.assert_close(verified[name][masks[name]], full[name][masks[name]], **CLOSE)
-    assert get_method("atp_verify_all")(model, clean, corrupted, metric, COMPONENTS, k=1).metadata["token_columns"] == "all"
+    blocks = get_method("atp_verify_blocks")(model, clean, corrupted, metric, COMPONENTS, k=1)
+    assert blocks.metadata["token_columns"] == "blocks"
+    for name in COMPONENTS:
+        axis = relp.COMPONENTS[name].axes.index("position")
+        every_layer = name in ("resid_pre", "attn_out", "mlp_out")
+        column = cell_masks(blocks)[name].movedim(axis, 0)[differs]
+        assert column.all() if every_layer else (column[:, 0].all() and not column[:, 1:].all()), name
     with pytest.raises(ValueError, match="token_columns must be False, True"):
         relp.verify(estimate, model, clean, corrupted, metric, token_columns="residual")
