@@ -26,6 +26,9 @@ ig_inputs_relp  integrated_gradients_inputs IG-in-RelP   preset: IG-in under the
 atp_star        atp_star                    AtP*         AtP with the QK-fix (queries, keys); GradDrop opt.    4 (+2 per layer, GradDrop)
 relp_qk         atp_star                    RelP+QK      preset: AtP* under the RelP rules                     4
 verify          estimate_then_verify        RelP+verify  RelP, then AP on each component's top ``k`` cells     8 + 1 per verified cell
+atp_verify      estimate_then_verify        AtP+verify   AtP, then AP on the token columns and the top ``k``  8 + 1 per verified cell
+atp_verify_...  estimate_then_verify        AtP+verify-  ``atp_verify_blocks``: attention and MLP columns too 8 + 1 per verified cell
+                                            blocks
 ==============  ==========================  ===========  ====================================================  ==========================
 
 Entries are declared where their function is defined, by decorating it (as zennit registers its
