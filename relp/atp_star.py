@@ -55,12 +55,23 @@ from collections.abc import Iterable
 import torch
 
 from relp.components import BLOCK_COMPONENTS, Component, component_for
-from relp.interventions import activation, capture_hooks, check_resid_mid, model_output
+from relp.interventions import activation, capture_hooks, model_output
 from relp.methods import Cost, register_method, register_preset
 from relp.metrics import check_metric_value, metric_name
-from relp.patching import Metric, Tokens, _prepare, _read_names, _result, _score_dtype, _sites
+from relp.patching import (
+    Metric,
+    Tokens,
+    _check_sites,
+    _live_rules,
+    _prepare,
+    _read_names,
+    _result,
+    _root_differentiable,
+    _score_dtype,
+    _sites,
+)
 from relp.results import PatchingResult
-from relp.rules import applied_rules, check_rules_live, resolve_rules, rule_forward_contexts
+from relp.rules import applied_rules, rule_forward_contexts
 
 QK_COMPONENTS = ("query", "key")
 _MASKED = torch.finfo(torch.float32).min / 2  # hook_attn_scores at or below this is masked out
@@ -232,12 +243,9 @@ def atp_star(
     n_layers = model.cfg.n_layers
     if grad_drop and n_layers < 2:
         raise ValueError(f"GradDrop averages over the other layers (1/(L-1)); {model.cfg.model_name} has {n_layers} layer")
-    rule_set = resolve_rules(model, rules) if rules is not None else None
+    rule_set = _live_rules(model, rules) if rules is not None else None
     ruled = rule_set is not None and bool(rule_set.active)
-    if ruled:
-        check_rules_live(model, rule_set)
-    if any(c.offset_template for c in run.components):
-        check_resid_mid(model, run.layers, run.base)
+    _check_sites(model, run)
     fixed = {c.name for c in run.components if qk_fix and c.name in QK_COMPONENTS}
     fixed_layers = run.layers if fixed else []
     names = _read_names(run)
@@ -254,9 +262,6 @@ def atp_star(
         with model.hooks(fwd_hooks=capture_hooks(source, names + qk_names, detach=True)):
             model_output(model, run.source, metric, None if readout is not None else 1)
 
-    def make_root_differentiable(x, hook):
-        return x if x.requires_grad else x.detach().requires_grad_(True)
-
     state = {"drop": None, "reached": set()}
     first = min(run.layers)
     dropped = list(range(first + 1, n_layers)) if grad_drop else []
@@ -266,7 +271,7 @@ def atp_star(
     captured: dict[str, torch.Tensor] = {}
     detached: dict[str, torch.Tensor] = {}
     hooks = [
-        ("blocks.0.hook_resid_pre", make_root_differentiable),
+        ("blocks.0.hook_resid_pre", _root_differentiable),
         *capture_hooks(captured, in_graph, detach=False),
         *capture_hooks(detached, names + qk_names + extra + [_attn(layer, "hook_pattern") for layer in fixed_layers], detach=True),
         *_drop_hooks(model, dropped, state, hook_names),  # after the captures: they see the gate's input

@@ -42,22 +42,34 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from relp.components import BLOCK_COMPONENTS, Component
+from relp.components import BLOCK_COMPONENTS
 from relp.interventions import (
     BlockReplay,
     PrefixReuse,
     _cache_reaches_attention,
     activation,
     capture_hooks,
-    check_resid_mid,
     model_output,
     rows_per_pass,
 )
 from relp.methods import Cost, register_method, register_preset
 from relp.metrics import check_metric_value, metric_name
-from relp.patching import Metric, Tokens, _prepare, _read_names, _result, _Run, _score_dtype, _sites
+from relp.patching import (
+    Metric,
+    Tokens,
+    _check_batch_size,
+    _check_sites,
+    _live_rules,
+    _prepare,
+    _read_names,
+    _result,
+    _root_differentiable,
+    _Run,
+    _score_dtype,
+    _sites,
+)
 from relp.results import PatchingResult
-from relp.rules import RuleSet, applied_rules, check_rules_live, resolve_rules, rule_forward_contexts
+from relp.rules import RuleSet, applied_rules, rule_forward_contexts
 
 #: The model's input stream: token (and position) embeddings entering the first block.
 INPUT_HOOK = "blocks.0.hook_resid_pre"
@@ -73,17 +85,6 @@ def _check_steps(steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer (interpolation points along the path); got {steps!r}")
     return steps
-
-
-def _check_batch_size(batch_size) -> None:
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer (rows per pass) or None (from memory); got {batch_size!r}")
-
-
-def _rules(model, rules) -> RuleSet:
-    rule_set = resolve_rules(model, rules)
-    check_rules_live(model, rule_set)
-    return rule_set
 
 
 def _ruled(rules: RuleSet) -> bool:
@@ -182,16 +183,6 @@ def _scores(model, run: _Run, source: dict, base: dict, grad_of) -> dict[str, to
     return scores
 
 
-def _check_sites(model, run: _Run) -> None:
-    if any(c.offset_template for c in run.components):
-        check_resid_mid(model, run.layers, run.base)
-
-
-def _root_differentiable(x, hook):
-    # Models with frozen parameters would otherwise build no graph at all.
-    return x if x.requires_grad else x.detach().requires_grad_(True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Two-point (trapezoid) estimate
 
@@ -223,7 +214,7 @@ def two_point_patching(
     """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
-    rule_set = _rules(model, rules)
+    rule_set = _live_rules(model, rules)
     _check_sites(model, run)
     names = _read_names(run)
     hooked = list(dict.fromkeys(c.hook_name(layer) for c, layer in _sites(run)))
@@ -296,7 +287,7 @@ def integrated_gradients(
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
     steps = _check_steps(steps)
     _check_batch_size(batch_size)
-    rule_set = _rules(model, rules)
+    rule_set = _live_rules(model, rules)
     _check_sites(model, run)
     names = _read_names(run)
     n_prompts = run.base.shape[0]
@@ -398,7 +389,7 @@ def integrated_gradients_inputs(
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
     steps = _check_steps(steps)
     _check_batch_size(batch_size)
-    rule_set = _rules(model, rules)
+    rule_set = _live_rules(model, rules)
     _check_sites(model, run)
     names = _read_names(run)
     n_prompts = run.base.shape[0]

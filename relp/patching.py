@@ -141,6 +141,29 @@ def _read_names(run: _Run) -> list[str]:
     return [c.hook_name(layer) for c, layer in sites] + [n for c, layer in sites for n in hook_names(c, layer)[1:]]
 
 
+def _check_sites(model, run: _Run) -> None:
+    """resid_mid is patched through attn_out: check on the base run that resid_pre + attn_out is the stream."""
+    if any(c.offset_template for c in run.components):
+        check_resid_mid(model, run.layers, run.base)
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (rows per forward pass) or None (from memory); got {batch_size!r}")
+
+
+def _live_rules(model, rules) -> RuleSet:
+    """`rules` resolved for `model` and checked live (once per model and rule)."""
+    rule_set = resolve_rules(model, rules)
+    check_rules_live(model, rule_set)
+    return rule_set
+
+
+def _root_differentiable(x, hook):
+    """Hook for the first residual stream: models with frozen parameters would otherwise build no graph."""
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
 def _score_dtype(model) -> torch.dtype:
     """Scores keep the model's precision, and at least float32 (half-precision sums lose too much)."""
     return torch.promote_types(model.cfg.dtype, torch.float32)
@@ -250,10 +273,8 @@ def activation_patching(
         else sum(int(mask.sum()) for mask in selected.values()) + 2
     )
     warn_if_expensive(estimate, run.base.shape[0], max_forward_passes)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer (rows per forward pass) or None (from memory); got {batch_size!r}")
-    if any(c.offset_template for c in run.components):
-        check_resid_mid(model, run.layers, run.base)
+    _check_batch_size(batch_size)
+    _check_sites(model, run)
     names = _read_names(run)
     source = cache_activations(model, run.source, names)
     base: dict[str, torch.Tensor] = {}
@@ -390,8 +411,7 @@ def _gradient_scores(
     gradient run's :func:`relp.interventions.model_output`.
     """
     check_gradients_possible("a gradient method (attribution or relevance patching)")
-    if any(c.offset_template for c in run.components):
-        check_resid_mid(model, run.layers, run.base)
+    _check_sites(model, run)
     names = _read_names(run)
     readout = getattr(metric, "readout", None)
     ruled = rules is not None and bool(rules.active)
@@ -400,13 +420,8 @@ def _gradient_scores(
         with model.hooks(fwd_hooks=capture_hooks(source, names, detach=True)):
             model_output(model, run.source, metric, None if readout is not None else 1)
     captured: dict[str, torch.Tensor] = {}
-
-    def make_root_differentiable(x, hook):
-        # Models with frozen parameters would otherwise build no graph at all.
-        return x if x.requires_grad else x.detach().requires_grad_(True)
-
     hooked = list(dict.fromkeys(c.hook_name(layer) for c, layer in _sites(run)))
-    hooks = [("blocks.0.hook_resid_pre", make_root_differentiable), *capture_hooks(captured, names, detach=False)]
+    hooks = [("blocks.0.hook_resid_pre", _root_differentiable), *capture_hooks(captured, names, detach=False)]
     # The rules' hooks are registered first: a capture at the same hook point (the neuron component's
     # hook_post, BERT's resid_mid at ln1.hook_out) must see the rule's output.
     with torch.enable_grad(), applied_rules(model, rules) if ruled else contextlib.nullcontext():
@@ -490,8 +505,7 @@ def relevance_patching(
     """
     start = time.perf_counter()
     run = _prepare(model, clean, corrupted, metric, components, direction, layers)
-    rule_set = resolve_rules(model, rules)
-    check_rules_live(model, rule_set)
+    rule_set = _live_rules(model, rules)
     scores, base_value = _gradient_scores(model, run, metric, rules=rule_set, logits_to_keep=logits_to_keep)
     return _result(
         model, run, scores, "relevance_patching", metric, rule_set.active, start,
