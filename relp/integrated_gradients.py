@@ -81,6 +81,25 @@ def midpoints(steps: int) -> torch.Tensor:
     return (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
 
 
+def _path_points(start: torch.Tensor, delta: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """``start + alpha * delta`` for each alpha, stacked as copies of the batch ([copies x batch, ...]): a
+    leaf of the graph, whose gradient is the gradient along the path."""
+    alphas = alphas.to(delta.device, delta.dtype)
+    point = start.unsqueeze(0) + alphas.view(-1, *[1] * delta.ndim) * delta.unsqueeze(0)
+    return point.reshape(len(alphas) * delta.shape[0], *delta.shape[1:]).detach().requires_grad_(True)
+
+
+def _replace_with(leaf: torch.Tensor):
+    """A hook that replaces its activation by `leaf` (of the same shape: a clear error otherwise)."""
+
+    def hook(x, hook):
+        if x.shape != leaf.shape:
+            raise RuntimeError(f"{hook.name}: expected shape {tuple(leaf.shape)}, got {tuple(x.shape)}")
+        return leaf
+
+    return hook
+
+
 def _check_steps(steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer (interpolation points along the path); got {steps!r}")
@@ -316,21 +335,13 @@ def integrated_gradients(
         delta_tail = delta.narrow(axis, begin_at, n_positions - begin_at)
         total = torch.zeros_like(delta_tail)
         for begin in range(0, steps, copies_per_pass):
-            chunk = alphas[begin : begin + copies_per_pass].to(delta.device, delta.dtype)
-            copies = len(chunk)
             # the hooked tensor (for resid_mid: attn_out, whose offset resid_pre is the base run's upstream
             # of the site) moves by alpha * delta
-            point = hooked_base.unsqueeze(0) + chunk.view(-1, *[1] * delta.ndim) * delta_tail.unsqueeze(0)
-            leaf = point.reshape(copies * n_prompts, *delta_tail.shape[1:]).detach().requires_grad_(True)
-
-            def set_point(x, hook, _leaf=leaf):
-                if x.shape != _leaf.shape:
-                    raise RuntimeError(f"{hook.name}: expected shape {tuple(_leaf.shape)}, got {tuple(x.shape)}")
-                return _leaf
-
+            leaf = _path_points(hooked_base, delta_tail, alphas[begin : begin + copies_per_pass])
+            copies = leaf.shape[0] // n_prompts
             (grad,), _ = _stacked_gradients(
                 model, run.base[:, begin_at:].repeat(copies, 1), copies, metric, lambda _leaf=leaf, _name=name: [(_name, _leaf)],
-                rules=rule_set, logits_to_keep=logits_to_keep, hooks=[(name, set_point)], replay=replay,
+                rules=rule_set, logits_to_keep=logits_to_keep, hooks=[(name, _replace_with(leaf))], replay=replay,
                 layer=layer, prefix=prefix, start=begin_at, what=f"{component.name} layer {layer} on the path",
             )
             total += grad.reshape(copies, *delta_tail.shape).sum(0)
@@ -402,19 +413,11 @@ def integrated_gradients_inputs(
     input_delta = source[INPUT_HOOK] - base[INPUT_HOOK]
     passes = 0
     for begin in range(0, steps, copies_per_pass):
-        chunk = alphas[begin : begin + copies_per_pass].to(input_delta.device, input_delta.dtype)
-        copies = len(chunk)
-        point = base[INPUT_HOOK].unsqueeze(0) + chunk.view(-1, *[1] * input_delta.ndim) * input_delta.unsqueeze(0)
-        leaf = point.reshape(copies * n_prompts, *input_delta.shape[1:]).detach().requires_grad_(True)
-
-        def set_input(x, hook, _leaf=leaf):
-            if x.shape != _leaf.shape:
-                raise RuntimeError(f"{hook.name}: expected shape {tuple(_leaf.shape)}, got {tuple(x.shape)}")
-            return _leaf
-
+        leaf = _path_points(base[INPUT_HOOK], input_delta, alphas[begin : begin + copies_per_pass])
+        copies = leaf.shape[0] // n_prompts
         captured: dict[str, torch.Tensor] = {}
         # the input is set first, so a capture of resid_pre at layer 0 sees the path point
-        hooks = [(INPUT_HOOK, set_input), *capture_hooks(captured, names, detach=False)]
+        hooks = [(INPUT_HOOK, _replace_with(leaf)), *capture_hooks(captured, names, detach=False)]
         grads, _ = _stacked_gradients(
             model, run.base.repeat(copies, 1), copies, metric, lambda: [(name, captured[name]) for name in hooked],
             rules=rule_set, logits_to_keep=logits_to_keep, hooks=hooks, what="the input path",
