@@ -92,6 +92,13 @@ def _canonical(value, name: str):
     )
 
 
+def digest(value, name: str = "value") -> str:
+    """A short hash of `value` (numbers, strings, tensors, lists and dicts of them; tensors by shape, dtype
+    and bytes): e.g. a `metric_key` from what a metric computes."""
+    text = json.dumps(_canonical(value, name), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def cache_key(model, clean, corrupted, metric, components=BLOCK_COMPONENTS, *, metric_key: str, key_extra=None,
               direction: str = "denoising", layers: Iterable[int] | None = None, **options) -> tuple[str, dict]:
     """(hex key, the description it hashes) for :func:`cached_activation_patching`'s arguments."""

@@ -41,7 +41,7 @@ import torch
 import relp.components
 
 from relp.components import BLOCK_COMPONENTS, resolve_layers
-from relp.methods import Cost, Method, get_method, register_method, register_preset
+from relp.methods import Cost, Method, _accepts, get_method, register_method, register_preset
 from relp.metrics import metric_name
 from relp.results import PatchingResult
 from relp.tokens import to_tokens
@@ -369,9 +369,7 @@ def estimate_then_verify(
 
 
 def _takes(method: Method, option: str) -> bool:
-    import inspect
-
-    return option not in method.defaults and option in inspect.signature(method.function).parameters
+    return option not in method.defaults and _accepts(method.function, option)
 
 
 register_preset(

@@ -33,16 +33,15 @@ Writes, per study, ``<study>/results.json`` in the IOI experiment's layout (``ag
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import relp
+from relp.ap_cache import cached_activation_patching, digest
 from relp.experiments.common import _json_default, versions
 from relp.methods import METHODS, forward_equivalents, get_method, reference_method
 
@@ -94,9 +93,7 @@ def ioi_jobs(model, n_prompts: int, corruption: str, seed: int, templates: str) 
     metrics, clean_ld, corrupted_ld = ioi_metrics(model, batches)
     jobs = []
     for batch, metric in zip(batches, metrics):
-        key = _digest(
-            "normalized_logit_diff", metric.answer, metric.wrong, repr((metric.clean_value, metric.corrupted_value))
-        )
+        key = digest(["normalized_logit_diff", metric.answer, metric.wrong, metric.clean_value, metric.corrupted_value])
         jobs.append((batch, metric, key))
     facts = {
         "task": "ioi", "corruption": corruption, "templates": templates, "n_prompts": len(data),
@@ -121,23 +118,10 @@ def contrast_jobs(model, n_pairs: int, seed: int) -> tuple[list, dict]:
     jobs = []
     for batch in data.batches():
         metric, _, _ = contrast_metric(model, batch, embedding)
-        key = _digest(
-            "similarity_difference", embedding.name, metric.anchors, repr((metric.clean_value, metric.corrupted_value))
-        )
+        key = digest(["similarity_difference", embedding.name, metric.anchors, metric.clean_value, metric.corrupted_value])
         jobs.append((batch, metric, key))
     facts = {"task": "contrast", "n_prompts": len(data), "metric": "similarity_difference", "pooling": embedding.pooling}
     return jobs, facts
-
-
-def _digest(*parts) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            digest.update(repr((tuple(part.shape), str(part.dtype))).encode())
-            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            digest.update(str(part).encode())
-    return digest.hexdigest()[:24]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,14 +138,15 @@ def method_settings(args) -> dict:
     return settings
 
 
-def run_study(name: str, model, jobs: list, components: list[str], methods: list[str], args, *, cache_dir: Path) -> dict:
+def run_study(
+    name: str, model, jobs: list, components: list[str], methods: list[str], args, *, cache_dir: Path,
+    logits_to_keep: int | None = None,
+) -> dict:
     """Score every method on every job; returns the study's summary (agreement, cost, errors) and, under
     ``"results"``, the results per method (not written to JSON)."""
-    from relp.ap_cache import cached_activation_patching
-
     settings = method_settings(args)
-    if all(batch.length and _ends_last(batch) for batch, _, _ in jobs) and name.startswith("ioi"):
-        settings["logits_to_keep"] = 1  # the IOI metric reads only the last token
+    if logits_to_keep is not None:
+        settings["logits_to_keep"] = logits_to_keep
     reference = reference_method()
     results: dict[str, list] = {}
     errors: dict[str, str] = {}
@@ -195,13 +180,6 @@ def run_study(name: str, model, jobs: list, components: list[str], methods: list
     summary["relp_options"] = get_method("relp").experiment_options(settings)
     summary["results"] = results
     return summary
-
-
-def _ends_last(batch) -> bool:
-    positions = getattr(batch, "positions", None)
-    if positions is None or "END" not in positions:
-        return False
-    return all(position == batch.length - 1 for position in positions["END"].tolist())
 
 
 def summarise_study(results: dict[str, list], *, top_k: int = 10) -> dict:
@@ -348,12 +326,16 @@ def run(args: argparse.Namespace, *, model=None, encoder=None) -> dict:
                 model = relp.load_model(args.model, device=args.device, dtype=dtype)
             study_model, components = model, list(args.components)
             jobs, facts = ioi_jobs(model, args.n_prompts, name.split("-", 1)[1], args.seed, args.templates)
+            logits_to_keep = 1  # the IOI metric reads only the last token (ioi_metrics checks END is last)
         else:
             if encoder is None:
                 encoder = relp.load_model(args.encoder, device=args.device, dtype=dtype)
             study_model, components = encoder, list(args.encoder_components)
             jobs, facts = contrast_jobs(encoder, args.n_pairs, args.seed)
-        study = run_study(name, study_model, jobs, components, args.methods, args, cache_dir=cache_dir)
+            logits_to_keep = None
+        study = run_study(
+            name, study_model, jobs, components, args.methods, args, cache_dir=cache_dir, logits_to_keep=logits_to_keep
+        )
         study = {"model": str(study_model.cfg.model_name), "components": components, **facts, **study}
         relp_options = {k: v for k, v in study.pop("relp_options").items() if k != "rules"}
         if args.rule_sites:
