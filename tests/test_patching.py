@@ -9,23 +9,13 @@ import torch
 import transformer_lens.patching as tl_patching
 
 import relp
+from _prompt_pairs import changed_at_2_and_4
 from relp.testing import tiny_model
 
 ARCHS = ["gpt2", "llama"]
 
 
-def _prompts(model, n_prompts=3, length=7, seed=0):
-    """Random clean prompts and corrupted copies that differ at two positions."""
-    g = torch.Generator().manual_seed(seed)
-    d_vocab = model.cfg.d_vocab
-    clean = torch.randint(6, d_vocab, (n_prompts, length), generator=g)
-    clean[:, 0] = 0  # BOS
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(6, d_vocab, (n_prompts,), generator=g)
-    corrupted[:, 4] = torch.randint(6, d_vocab, (n_prompts,), generator=g)
-    answer = torch.randint(6, d_vocab, (n_prompts,), generator=g)
-    wrong = torch.randint(6, d_vocab, (n_prompts,), generator=g)
-    return clean, corrupted, relp.LogitDiff(answer, wrong)
+_prompts = changed_at_2_and_4
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import relp
+from _prompt_pairs import changed_from
 from relp.checks import MAX_FORWARD_PASSES, CostWarning, activation_patching_cost
 from relp.components import COMPONENTS
 from relp.rules import RuleNotLiveError
@@ -31,13 +32,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _prompts(model, n_prompts=2, length=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(6, model.cfg.d_vocab, (n_prompts, length), generator=g)
-    clean[:, 0] = 0
-    corrupted = clean.clone()
-    corrupted[:, 1:] = torch.randint(6, model.cfg.d_vocab, (n_prompts, length - 1), generator=g)
-    answer, wrong = torch.randint(6, model.cfg.d_vocab, (2, n_prompts), generator=g)
-    return clean, corrupted, relp.LogitDiff(answer, wrong)
+    return changed_from(model, 1, n_prompts, length, seed)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import relp
+from _prompt_pairs import changed_from
 from relp.methods import METHODS
 from relp.rules import RuleContextError, RuleNotLiveError, applied_rules, open_rule_context, resolve_rules
 from relp.testing import tiny_model
@@ -26,13 +27,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _prompts(model, n_prompts=2, length=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(6, model.cfg.d_vocab, (n_prompts, length), generator=g)
-    clean[:, 0] = 0
-    corrupted = clean.clone()
-    corrupted[:, 2:] = torch.randint(6, model.cfg.d_vocab, (n_prompts, length - 2), generator=g)
-    answer, wrong = torch.randint(6, model.cfg.d_vocab, (2, n_prompts), generator=g)
-    return clean, corrupted, relp.LogitDiff(answer, wrong)
+    return changed_from(model, 2, n_prompts, length, seed)
 
 
 @pytest.fixture(scope="module")

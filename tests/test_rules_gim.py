@@ -21,6 +21,7 @@ from test_rules_reference import (
     _build,
     _layer_norm,
     _zero_unit,
+    assert_forward_unchanged,
     assert_matches,
     bert_reference,
     bridge_gradient,
@@ -208,11 +209,7 @@ def _forward_cases():
 @pytest.mark.parametrize(("arch", "rules"), list(_forward_cases()))
 def test_new_rules_keep_forward_values_bitwise(arch, rules):
     """Logits under each new rule / preset are bit for bit the logits without it (float32)."""
-    c = case32(arch)
-    plain = c.bridge(c.tokens)
-    with lrp_rules(c.bridge, rules):
-        ruled = c.bridge(c.tokens)
-    assert torch.equal(ruled, plain), f"{arch} {rules}: max |diff| {(ruled - plain).abs().max().item():.3g}"
+    assert_forward_unchanged(arch, rules)
 
 
 def test_softmax_t2_keeps_bfloat16_forward_and_finite_gradient():

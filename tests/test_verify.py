@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import relp
+from _prompt_pairs import changed_at_2_and_4
 from relp import ap_cache
 from relp.methods import forward_equivalents, get_method
 from relp.testing import tiny_model
@@ -25,18 +26,7 @@ CLOSE = {"rtol": 0.0, "atol": 1e-12}  # float64 rounding across different pass g
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _prompts(model, n_prompts=3, length=7, seed=0):
-    """Random clean prompts and corrupted copies that differ at positions 2 and 4."""
-    g = torch.Generator().manual_seed(seed)
-    d_vocab = model.cfg.d_vocab
-    clean = torch.randint(6, d_vocab, (n_prompts, length), generator=g)
-    clean[:, 0] = 0  # BOS
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(6, d_vocab, (n_prompts,), generator=g)
-    corrupted[:, 4] = torch.randint(6, d_vocab, (n_prompts,), generator=g)
-    answer = torch.randint(6, d_vocab, (n_prompts,), generator=g)
-    wrong = torch.randint(6, d_vocab, (n_prompts,), generator=g)
-    return clean, corrupted, relp.LogitDiff(answer, wrong)
+_prompts = changed_at_2_and_4
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
