@@ -80,7 +80,8 @@ def activation_patching_cost(cfg, components: Iterable, layers: Iterable[int], n
     return n_layers * per_layer + 2
 
 
-def warn_if_expensive(estimate: int, n_prompts: int, max_forward_passes: float | None) -> None:
+def warn_if_expensive(estimate: int, n_prompts: int, max_forward_passes: float | None, *, what: str = "activation patching",
+                      per: str = "cell") -> None:
     """CostWarning if `estimate` (forward passes over a batch of `n_prompts`) is above the threshold
     (`max_forward_passes`, default :data:`MAX_FORWARD_PASSES`)."""
     threshold = MAX_FORWARD_PASSES if max_forward_passes is None else max_forward_passes
@@ -88,8 +89,8 @@ def warn_if_expensive(estimate: int, n_prompts: int, max_forward_passes: float |
         raise ValueError(f"max_forward_passes must be a non-negative number or None (default {MAX_FORWARD_PASSES}); got {max_forward_passes!r}")
     if estimate > threshold:
         warnings.warn(
-            f"activation patching will run up to {estimate:,} forward passes over the batch of {n_prompts} "
-            f"prompt(s) (one per cell, before unchanged cells are skipped), above the threshold of "
+            f"{what} will run up to {estimate:,} forward passes over the batch of {n_prompts} "
+            f"prompt(s) (one per {per}{', before unchanged cells are skipped' if per == 'cell' else ''}), above the threshold of "
             f"{threshold:,g}; attribution or relevance patching cost 4. Pass max_forward_passes= a larger "
             "number (math.inf: no warning) to run it without this warning",
             CostWarning,

@@ -246,6 +246,8 @@ class _Evaluator:
     """Shared logic: the value of a node set is computed once (see ``values``)."""
 
     n_prompts: int
+    #: what this evaluator evaluates (relp.edges' evaluator: EdgeCircuit)
+    circuit_type: type = Circuit
 
     def values(self, circuits: Circuit | Sequence[Circuit]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -260,8 +262,11 @@ class _Evaluator:
 
     def evaluate(self, circuit: Circuit) -> CircuitEvaluation:
         """m(C), m(M \\ C), m(empty), m(M) in one batch, with faithfulness and completeness."""
-        if not isinstance(circuit, Circuit):
-            raise TypeError(f"expected a Circuit; got {type(circuit).__name__} (see relp.select_circuit)")
+        if not isinstance(circuit, self.circuit_type):
+            raise TypeError(
+                f"expected a {self.circuit_type.__name__}; got {type(circuit).__name__} (see relp.select_circuit, "
+                "relp.edges.select_edges)"
+            )
         value, complement, empty, full = self.values([circuit, circuit.complement(), circuit.empty(), circuit.full()]).tolist()
         _check_span(full, empty)
         return CircuitEvaluation(circuit.n_nodes, circuit.n_total, value, complement, empty, full)
