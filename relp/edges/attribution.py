@@ -272,17 +272,26 @@ def _check_attention_gradients(model, layer: int, summed: torch.Tensor, referenc
 def edge_products(graph: EdgeGraph, delta: torch.Tensor, gradients: Sequence[torch.Tensor], per_position: bool) -> torch.Tensor:
     """[sender, receiver] (or [pos, sender, receiver]) = sum over prompts (and positions) of delta . gradient,
     restricted to the edges. `delta` is [batch, pos, sender, d]; `gradients` per layer as from
-    :func:`receiver_gradients`."""
-    n_pos = delta.shape[1]
+    :func:`receiver_gradients`. One matrix product per layer, over the senders written before it (a
+    prefix of the senders) and the layer's receivers."""
+    batch, n_pos, n_senders, d = delta.shape
     dtype = delta.dtype
-    shape = (n_pos, graph.n_senders, graph.n_receivers) if per_position else (graph.n_senders, graph.n_receivers)
-    scores = torch.zeros(shape, dtype=dtype, device=delta.device)
+    if per_position:  # [pos, sender, batch * d]
+        rows = delta.permute(1, 2, 0, 3).reshape(n_pos, n_senders, batch * d)
+        scores = torch.zeros(n_pos, graph.n_senders, graph.n_receivers, dtype=dtype, device=delta.device)
+    else:  # [sender, batch * pos * d]
+        rows = delta.permute(2, 0, 1, 3).reshape(n_senders, batch * n_pos * d)
+        scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=dtype, device=delta.device)
     for layer, grads in enumerate(gradients):
         receivers = graph.layer_receivers(layer)
-        available = graph.allowed[:, receivers].any(1).nonzero().flatten()
-        n = int(available.max()) + 1  # senders are in layer order: those available are a prefix
-        pattern = "bpsd,bprd->psr" if per_position else "bpsd,bprd->sr"
-        block = torch.einsum(pattern, delta[:, :, :n], grads.to(dtype))
+        n = int(graph.allowed[:, receivers].any(1).nonzero().max()) + 1  # senders are in layer order: a prefix
+        grads = grads.to(dtype)
+        if per_position:
+            columns = grads.permute(1, 2, 0, 3).reshape(n_pos, len(receivers), batch * d)
+            block = torch.bmm(rows[:, :n], columns.transpose(1, 2))
+        else:
+            columns = grads.permute(2, 0, 1, 3).reshape(len(receivers), batch * n_pos * d)
+            block = rows[:n] @ columns.T
         scores[..., :n, receivers[0] : receivers[-1] + 1] = block
     return scores * graph.allowed.to(scores.device)
 
