@@ -54,8 +54,18 @@ from relp.rules import PRESETS, RULES, RuleContextError, RuleNotLiveError, lrp_r
 from relp.tokens import to_tokens
 from relp.verification import estimate_then_verify, verify
 from relp.ap_cache import cached_activation_patching
+from relp import edges
+from relp.edges import EdgeCircuit, EdgeCircuitEvaluator, EdgeGraph, EdgeScores, edge_attribution, edge_patching, select_edges
 
 __all__ = [
+    "EdgeCircuit",
+    "EdgeCircuitEvaluator",
+    "EdgeGraph",
+    "EdgeScores",
+    "edge_attribution",
+    "edge_patching",
+    "edges",
+    "select_edges",
     "ABLATIONS",
     "Circuit",
     "CostWarning",
