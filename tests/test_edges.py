@@ -183,7 +183,7 @@ def _tl_matrix(graph: EdgeGraph, edge_scores) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
-@pytest.mark.parametrize("method", ["atp", "relp"])
+@pytest.mark.parametrize("method", ["atp", "relp", "gim"])
 def test_edge_sums_equal_node_scores(architecture, method):
     """Outgoing edges of a sender sum to its node score (mlp_out, head); the edges from senders before
     layer l into receivers at or after l sum to resid_pre's score at l; the logits' incoming edges to the
@@ -191,7 +191,7 @@ def test_edge_sums_equal_node_scores(architecture, method):
     model = tiny_model(architecture)
     clean, corrupted, metric = changed_at_2_and_4(model)
     edges = edge_attribution(model, clean, corrupted, metric, method=method)
-    node_method = relp.attribution_patching if method == "atp" else relp.relevance_patching
+    node_method = relp.methods.get_method(method)  # gim: relevance patching with the GIM rules (attnlrp scales q, k, v)
     nodes = node_method(model, clean, corrupted, metric, ["mlp_out", "head", "resid_pre", "resid_post"])
     graph, summed = edges.graph, edges.scores.double()
     totals = edges.sender_totals()
@@ -413,3 +413,23 @@ def test_bad_inputs_give_clear_errors():
     exact = edge_patching(model, clean, corrupted, metric, edges=["input->logits"])
     with pytest.raises(ValueError, match="NaN"):
         select_edges(exact, count=1)
+
+
+def test_verify_replaces_the_top_estimates_by_exact_edge_patching_and_pooling_weights_prompts():
+    model = tiny_model("llama", dtype=torch.float64)
+    clean, corrupted, metric = changed_at_2_and_4(model)
+    exact = relp.edges.score_edges(model, clean, corrupted, metric, "ap")
+    atp = relp.edges.score_edges(model, clean, corrupted, metric, "atp")
+    verified = relp.edges.score_edges(model, clean, corrupted, metric, "atp_verify", k=0.1)
+    mask = verified.metadata["verified"]
+    assert int(mask.sum()) == round(0.1 * atp.graph.n_edges)
+    top = torch.sort(atp.flat().abs(), descending=True).indices[: int(mask.sum())]
+    assert bool(atp.graph.flat(mask)[top].all())  # the verified edges are AtP's top |score|
+    torch.testing.assert_close(verified.scores[mask].double(), exact.scores[mask], rtol=0, atol=1e-15)
+    torch.testing.assert_close(verified.scores[~mask], atp.scores[~mask], rtol=0, atol=0)
+    assert verified.metadata["forward_equivalents"] == 4 + int(mask.sum()) + 3
+    one = relp.LogitDiff(metric.answer[:1], metric.wrong[:1])
+    single = relp.edges.score_edges(model, clean[:1], corrupted[:1], one, "atp")
+    pooled = relp.edges.pool_edge_scores([atp, single])
+    assert pooled.metadata["n_prompts"] == 4
+    torch.testing.assert_close(pooled.scores, (3 * atp.scores.double() + single.scores.double()) / 4)

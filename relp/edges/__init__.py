@@ -5,6 +5,8 @@
 * :mod:`relp.edges.attribution`: :func:`edge_attribution`, AtP/RelP/... scores of every edge from one
   forward and one backward pass, as :class:`EdgeScores`;
 * :mod:`relp.edges.intervention`: runs with edges replaced, and :func:`edge_patching` (exact, the oracle);
+* :mod:`relp.edges.methods`: :func:`score_edges`, every edge method behind one call, with estimate-then-verify
+  (:func:`verify_edges`);
 * :mod:`relp.edges.circuits`: :class:`EdgeCircuit`, :func:`select_edges` (top-n, threshold, greedy,
   pruning), :class:`EdgeCircuitEvaluator` and MIB's CPR/CMD for edge circuits.
 
@@ -25,9 +27,10 @@ from relp.edges.circuits import (
 )
 from relp.edges.graph import EdgeGraph, Receiver
 from relp.edges.intervention import edge_patching, run_edges, sender_values
+from relp.edges.methods import EDGE_METHOD_KEYS, pool_edge_scores, score_edges, verify_edges
 
 __all__ = [
-    "EDGE_METHODS", "EdgeCircuit", "EdgeCircuitEvaluator", "EdgeGraph", "EdgeScores", "Receiver", "edge_attribution",
+    "EDGE_METHODS", "EDGE_METHOD_KEYS", "pool_edge_scores", "score_edges", "verify_edges", "EdgeCircuit", "EdgeCircuitEvaluator", "EdgeGraph", "EdgeScores", "Receiver", "edge_attribution",
     "edge_cpr_cmd", "edge_order", "edge_patching", "edge_random_baseline", "empty_edge_circuit", "prune", "run_edges",
     "select_edges", "sender_values",
 ]

@@ -356,9 +356,15 @@ def edge_attribution(
         captured: dict[str, torch.Tensor] = {}
         first = ("blocks.0.hook_resid_pre", _root_differentiable if input_value is None else (lambda x, hook: input_value))
         names = sender_hooks(graph.n_layers) + [f"blocks.{l}.hook_attn_out" for l in range(graph.n_layers)]
-        hooks = [first, *capture_hooks(captured, names + _receiver_hooks(graph), detach=False)]
-        with torch.enable_grad(), applied_rules(model, rule_set) if ruled else contextlib.nullcontext():
-            with model.hooks(fwd_hooks=hooks):
+        projections = [n for n in _receiver_hooks(graph) if ".attn.hook_" in n]
+        rest = [n for n in _receiver_hooks(graph) if n not in projections]
+        # The query/key/value projections' outputs are captured before any rule acts there (attnlrp scales
+        # the gradient reaching q, k, v: it lies behind the capture, so dm/dq includes it); the norms'
+        # inputs and outputs after the rules (the LN-rule's path is what the VJP must follow).
+        with torch.enable_grad(), model.hooks(fwd_hooks=capture_hooks(captured, projections, detach=False)):
+            with applied_rules(model, rule_set) if ruled else contextlib.nullcontext(), model.hooks(
+                fwd_hooks=[first, *capture_hooks(captured, names + rest, detach=False)]
+            ):
                 value = check_metric_value(metric(model_output(model, tokens, metric, logits_to_keep)), metric, "the base run")
                 if not value.requires_grad:
                     raise ValueError(f"metric {metric_name(metric)} is not differentiable in the model's output (no gradient)")
