@@ -20,6 +20,8 @@ returned figure displays as the cell's value; in a script, save it with ``path=`
 >>> fig = plot_scores(ap, path="/tmp/relp_ap.png")             # one heatmap panel per component
 >>> fig = plot_agreement([atp], ap, path="/tmp/relp_agreement.png")  # rows: methods, columns: components
 
+Edge circuits (:class:`relp.edges.EdgeCircuit`) are drawn as graphs by :func:`plot_circuit_graph`.
+
 Heatmaps put the layer on the y axis (layer 0 at the bottom) and the position on the x axis, labelled
 with the prompt's tokens (``result.tokens``, or ``position_labels=``). Heads are shown as a layer x head
 map summed over positions (``head_position=`` picks one position), neurons as a layer x neuron map
@@ -34,18 +36,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.colors import Normalize
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyBboxPatch, PathPatch
+from matplotlib.path import Path as MplPath
 from matplotlib.ticker import MaxNLocator
 
 from relp.methods import method_color, method_label
 
 if TYPE_CHECKING:
+    from relp.edges import EdgeCircuit
     from relp.faithfulness import FaithfulnessSummary, RandomBaseline
 
-__all__ = ["plot_agreement", "plot_faithfulness", "plot_heatmap", "plot_scatter", "plot_scores"]
+__all__ = ["plot_agreement", "plot_circuit_graph", "plot_faithfulness", "plot_heatmap", "plot_scatter", "plot_scores"]
 
 DPI = 120
 CMAP = "RdBu_r"
@@ -559,5 +567,247 @@ def plot_pareto(study: Mapping, *, statistics: Sequence[str] = ("pearson", "spea
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    _save(fig, path)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Edge circuits as graphs
+
+# RdBu_r without its white middle: an edge near zero must still show on a white background.
+EDGE_CMAP = ListedColormap(
+    np.concatenate([matplotlib.colormaps[CMAP](np.linspace(0.0, 0.36, 128)),
+                    matplotlib.colormaps[CMAP](np.linspace(0.64, 1.0, 128))]),
+    name="RdBu_r_edges",
+)
+EDGE_STYLE = {"q": "-", "k": "--", "v": ":", "mlp": "-", "logits": "-"}
+_BOX_W, _BOX_H = 0.78, 0.3  # data units: a head column is 1 wide, a layer row 1 high
+_QKV_X = {"q": -0.26, "k": 0.0, "v": 0.26}  # where q, k and v enter a head's box
+_MLP_DY = 0.5  # a layer's MLP sits half a row below its heads (it reads them)
+_GAP = 0.45  # extra height where layers without drawn nodes are collapsed
+_NODE_COLOR = {"head": "#e6eef8", "mlp": "#f7ead8", "io": "#e4e4e4"}
+
+
+def _circuit_edges(circuit, max_edges):
+    """(sender, receiver) index pairs to draw, their scores (None without scores) and the number in the circuit."""
+    mask = circuit.summed_edges().numpy()
+    scores = None
+    if circuit.scores is not None:
+        values = _numpy(circuit.scores)
+        # per position: an edge's score summed over the positions where it is in the circuit
+        scores = (values * circuit.edges.numpy()).sum(0) if circuit.per_position else values
+    pairs = np.argwhere(mask)  # C order: the graph's edge order
+    n_circuit = len(pairs)
+    if max_edges is not None:
+        if isinstance(max_edges, bool) or not isinstance(max_edges, (int, np.integer)) or max_edges < 0:
+            raise ValueError(f"max_edges must be a non-negative integer or None; got {max_edges!r}")
+        if n_circuit > max_edges:
+            if scores is None:  # nothing ranks them: the first edges in graph order
+                keep = np.arange(max_edges)
+            else:
+                strength = np.abs(scores[pairs[:, 0], pairs[:, 1]])
+                keep = np.sort(np.argsort(-strength, kind="stable")[:max_edges])
+            pairs = pairs[keep]
+    edge_scores = None if scores is None else scores[pairs[:, 0], pairs[:, 1]]
+    return pairs, edge_scores, n_circuit
+
+
+def plot_circuit_graph(
+    circuit: EdgeCircuit,
+    *,
+    ax: Axes | None = None,
+    max_edges: int | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+    show_all_nodes: bool = False,
+    path=None,
+) -> Figure:
+    """Draw an edge circuit (:class:`relp.edges.EdgeCircuit`) as a graph and return the Figure.
+
+    Layers run top to bottom: ``input`` at the top, then per layer a row of head boxes (``a{l}.h{h}``,
+    one column per head index, so heads line up across layers) with the layer's MLP (``m{l}``) to the
+    right of them and half a row lower (it reads the heads), ``logits`` at the bottom. Every edge is one
+    line (a :class:`matplotlib.patches.PathPatch` whose ``gid`` is the edge's name) leaving its sender's
+    box at the bottom and entering its receiver's box at the top; a head's query, key and value inputs
+    are entered on the left, in the middle and on the right of its box and drawn solid, dashed and
+    dotted (legend below the graph). On grouped-query attention a key/value edge enters the first query
+    head of its group (the group shares that input). Edges that pass other rows are drawn as curves
+    bending away from the middle, under the boxes, so that they do not run through boxes.
+
+    Line width grows with |score| and the colour is the score on a diverging map centred on zero
+    (``RdBu_r`` without its white middle, ``vmin = -vmax = -max|score|`` of the drawn edges; colour bar on
+    the right); the strongest edges are drawn last, on top. A circuit without scores is drawn with
+    uniform width and colour and no colour bar. Per-position circuits are drawn summed over positions
+    (an edge's score is summed over the positions where it is in the circuit).
+
+    ``max_edges`` keeps the ``max_edges`` in-circuit edges of largest |score| (without scores: the first
+    in graph order). Only nodes on drawn edges are drawn, and layers without any are collapsed into a
+    gap marked "L3–L7" at the left, unless ``show_all_nodes`` (every node of every layer). An empty
+    circuit (or ``max_edges=0``) is not an error: the figure shows ``input`` and ``logits`` (every node
+    with ``show_all_nodes``) and says "empty circuit: no edges to draw". ``ax`` draws into existing axes
+    (no new figure; ``figsize`` is then ignored); ``path`` saves the figure.
+
+    >>> from relp.edges import edge_attribution, select_edges
+    >>> scores = edge_attribution(model, clean, corrupted, metric, method="relp")
+    >>> fig = plot_circuit_graph(select_edges(scores, count=60, absolute=True), max_edges=40, path="/tmp/circuit.png")
+    """
+    from relp.edges.circuits import EdgeCircuit  # relp.edges pulls in the model code; plotting stays light
+
+    if not isinstance(circuit, EdgeCircuit):
+        raise TypeError(f"plot_circuit_graph draws a relp.edges.EdgeCircuit; got {type(circuit).__name__}")
+    graph = circuit.graph
+    pairs, edge_scores, n_circuit = _circuit_edges(circuit, max_edges)
+    n_heads, group = graph.n_heads, graph.n_heads // graph.n_kv_heads
+    receivers = graph.receivers
+
+    def receiver_node(j: int) -> str:
+        r = receivers[j]
+        if r.kind == "q":
+            return f"a{r.layer}.h{r.head}"
+        if r.kind in "kv":
+            return f"a{r.layer}.h{r.head * group}"
+        return r.name
+
+    def layer_of(node: str) -> int | None:
+        if node in ("input", "logits"):
+            return None
+        return int(node[1:].split(".")[0])
+
+    if show_all_nodes:
+        nodes = [*graph.senders, "logits"]
+    else:
+        used = {"input", "logits"}
+        used |= {graph.senders[s] for s in pairs[:, 0]} | {receiver_node(j) for j in pairs[:, 1]}
+        nodes = [n for n in (*graph.senders, "logits") if n in used]
+    layers = sorted({layer_of(n) for n in nodes} - {None})
+
+    # --- positions (data units): heads at x = head index, the MLP right of them, rows downwards ---
+    mlp_x = n_heads - 1 + 1.25
+    centre_x = mlp_x / 2
+    row_y: dict[int, float] = {}
+    gaps: list[tuple[float, int, int]] = []  # (y, first, last) of collapsed layers
+    y, previous = 0.0, -1
+    for layer in layers:
+        y -= 1.0
+        if layer > previous + 1:
+            gaps.append((y - _GAP / 2 + 0.5, previous + 1, layer - 1))
+            y -= _GAP
+        row_y[layer] = y
+        previous = layer
+    if previous < graph.n_layers - 1 and layers:
+        gaps.append((y - _MLP_DY - 0.45, previous + 1, graph.n_layers - 1))
+        y -= _GAP
+    logits_y = y - 1.0 - (_MLP_DY if layers else 0.0)
+
+    def centre(node: str) -> tuple[float, float]:
+        if node == "input":
+            return centre_x, 0.0
+        if node == "logits":
+            return centre_x, logits_y
+        if node.startswith("m"):
+            return mlp_x, row_y[int(node[1:])] - _MLP_DY
+        layer, head = node[1:].split(".h")
+        return float(head), row_y[int(layer)]
+
+    # --- figure ---
+    height_units = -logits_y + 1.0
+    if ax is None:
+        if figsize is None:
+            figsize = (min(max(5.5, 0.82 * (mlp_x + 2.0) + 2.4), MAX_FIGURE_WIDTH),
+                       min(max(3.2, 0.62 * height_units + 1.6), 40.0))
+        fig = Figure(figsize=figsize, layout="constrained")
+        ax = fig.add_subplot()
+    fig = ax.figure
+    fontsize = 7 if n_heads <= 8 else 6
+    max_width = 3.6 if len(pairs) <= 60 else 2.6
+
+    # --- edges: weakest first, so the strongest lie on top ---
+    if edge_scores is not None and len(pairs):
+        limit = float(np.max(np.abs(edge_scores)))
+        limit = limit if limit > 0 else 1.0
+        norm = Normalize(vmin=-limit, vmax=limit)
+        order = np.argsort(np.abs(edge_scores), kind="stable")
+    else:
+        norm, limit, order = None, 1.0, np.arange(len(pairs))
+    for rank, i in enumerate(order):
+        s, j = int(pairs[i, 0]), int(pairs[i, 1])
+        sender, receiver = graph.senders[s], receivers[j]
+        x0, y0 = centre(sender)
+        start = (x0, y0 - _BOX_H / 2)
+        x1, y1 = centre(receiver_node(j))
+        if receiver.kind in "qkv":
+            x1 += _QKV_X[receiver.kind]
+        else:  # MLPs and logits are entered near the side the edge comes from, so edges fan in
+            x1 += float(np.clip(0.08 * (x0 - x1), -0.3, 0.3))
+        end = (x1, y1 + _BOX_H / 2)
+        if start[1] - end[1] > 1.0 - _BOX_H + 1e-6:  # passes other rows: a curve bending away from the middle
+            rows = (start[1] - end[1]) / 1.0
+            mid_x = (start[0] + end[0]) / 2
+            side = -1.0 if mid_x < centre_x or (mid_x == centre_x and s % 2) else 1.0
+            bulge = side * min(0.35 + 0.1 * rows, 0.95)
+            control = (mid_x + bulge, (start[1] + end[1]) / 2)
+            edge_path = MplPath([start, control, end], [MplPath.MOVETO, MplPath.CURVE3, MplPath.CURVE3])
+        else:
+            edge_path = MplPath([start, end], [MplPath.MOVETO, MplPath.LINETO])
+        if norm is None:
+            color, width, alpha = "0.35", 1.2, 0.85
+        else:  # weak edges thin and faint, so that the strong ones stand out in large circuits
+            strength = abs(float(edge_scores[i])) / limit
+            color, width, alpha = EDGE_CMAP(norm(edge_scores[i])), 0.4 + max_width * strength, 0.35 + 0.6 * strength
+        patch = PathPatch(edge_path, facecolor="none", edgecolor=color, linewidth=width,
+                          linestyle=EDGE_STYLE[receiver.kind], alpha=alpha, zorder=1 + rank / max(1, len(pairs)),
+                          capstyle="round")
+        patch.set_gid(f"{sender}->{receiver.name}")
+        ax.add_patch(patch)
+
+    # --- nodes: boxes above the edges, labelled with their MIB names ---
+    for node in nodes:
+        x, y = centre(node)
+        kind = "io" if node in ("input", "logits") else "mlp" if node.startswith("m") else "head"
+        width = _BOX_W if kind != "io" else 1.4
+        ax.add_patch(FancyBboxPatch((x - width / 2, y - _BOX_H / 2), width, _BOX_H, boxstyle="round,pad=0,rounding_size=0.06",
+                                    facecolor=_NODE_COLOR[kind], edgecolor="0.3", linewidth=0.8, zorder=3))
+        ax.text(x, y, node, ha="center", va="center", fontsize=fontsize, zorder=4, gid=f"node:{node}")
+    for layer, y in row_y.items():
+        ax.text(-1.25, y - _MLP_DY / 2, f"L{layer}", ha="right", va="center", fontsize=fontsize + 1, color="0.4")
+    for y, first, last in gaps:
+        span = f"L{first}" if first == last else f"L{first}–L{last}"
+        ax.text(-1.25, y, f"⋮ {span}", ha="right", va="center", fontsize=fontsize, color="0.55", style="italic")
+    if not len(pairs):
+        ax.text(centre_x, (logits_y) / 2, "empty circuit: no edges to draw", ha="center", va="center",
+                fontsize=10, color="0.35", zorder=5)
+
+    ax.set_xlim(-2.1, mlp_x + 0.8)
+    ax.set_ylim(logits_y - 0.5, 0.5)
+    ax.set_axis_off()
+
+    # --- legend (receiver kinds), colour bar, title ---
+    kinds = sorted({receivers[int(j)].kind for j in pairs[:, 1]}, key=list(EDGE_STYLE).index)
+    if kinds:
+        names = {"q": "query (box left)", "k": "key (box middle)", "v": "value (box right)", "mlp": "MLP input",
+                 "logits": "logits"}
+        handles = [Line2D([], [], color="0.3", linestyle=EDGE_STYLE[k], linewidth=1.4, label=names[k]) for k in kinds]
+        note = (f"\n(grouped heads: key/value head g is drawn into query head {group}·g)"
+                if group > 1 and {"k", "v"} & set(kinds) else "")
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=7,
+                  frameon=False, title=f"edges into{note}", title_fontsize=7, handlelength=2.6)
+    label = circuit.metadata.get("label") or circuit.metadata.get("method") or ""
+    metric = circuit.metadata.get("metric") or ""
+    if norm is not None:
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=EDGE_CMAP), ax=ax, fraction=0.04, pad=0.01, shrink=0.6)
+        bar.set_label(f"{label} edge score".strip() + (f" (Δ {metric})" if metric else ""), fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    if title is None:
+        model = graph.model_name or circuit.metadata.get("model") or ""
+        head = " ".join(part for part in (label, "edge circuit", f"· {model}" if model else "") if part)
+        shown = f"{len(pairs)} of {n_circuit} edges (the strongest |score|)" if len(pairs) < n_circuit else f"{n_circuit} edges"
+        notes = [shown, f"{len(nodes) - 2} nodes"]
+        if circuit.per_position:
+            notes.append("summed over positions")
+        if norm is None and len(pairs):
+            notes.append("no scores")
+        title = f"{head}\n{', '.join(notes)}"
+    if title:
+        ax.set_title(title, fontsize=10, parse_math=False)
     _save(fig, path)
     return fig
