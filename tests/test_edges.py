@@ -433,3 +433,11 @@ def test_verify_replaces_the_top_estimates_by_exact_edge_patching_and_pooling_we
     pooled = relp.edges.pool_edge_scores([atp, single])
     assert pooled.metadata["n_prompts"] == 4
     torch.testing.assert_close(pooled.scores, (3 * atp.scores.double() + single.scores.double()) / 4)
+
+
+def test_nodes_of_a_grouped_key_receiver_are_the_query_heads_of_its_group():
+    """4 query heads, 2 key/value heads: key/value head 1 serves query heads 2 and 3."""
+    graph = EdgeGraph(2, 4, 2)
+    mask = torch.zeros(graph.allowed.shape, dtype=torch.bool)
+    mask[graph.edge_index("input->a0.h1<k>")] = True
+    assert EdgeCircuit(graph, mask).nodes() == ["input", "a0.h2", "a0.h3"]

@@ -132,8 +132,10 @@ class EdgeCircuit:
     def nodes(self) -> list[str]:
         """Nodes on the circuit's edges (senders, and the nodes of its receivers), in graph order."""
         edges = self.summed_edges()
-        used = set(np.array(self.graph.senders)[edges.any(1).numpy()].tolist())
-        used |= {self.graph.receivers[j].node for j in edges.any(0).nonzero().flatten().tolist()}
+        fed = (_receiver_senders(self.graph) & edges.any(0).unsqueeze(1)).any(0)  # a key/value receiver feeds its group
+        used = set(np.array(self.graph.senders)[(edges.any(1) | fed).numpy()].tolist())
+        if edges[:, [r.kind == "logits" for r in self.graph.receivers]].any():
+            used.add("logits")
         order = list(self.graph.senders) + ["logits"]
         return [n for n in order if n in used]
 

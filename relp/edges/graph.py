@@ -60,7 +60,9 @@ class Receiver:
 
     @property
     def node(self) -> str:
-        """The node this receiver belongs to (a head, an MLP, the logits)."""
+        """The node this receiver belongs to (a head, an MLP, the logits). A key/value receiver of a grouped
+        graph is named by its key/value head: it feeds every query head of its group (see
+        :func:`relp.edges.circuits.prune`)."""
         if self.kind in "qkv":
             return f"a{self.layer}.h{self.head}"
         return self.name

@@ -2,7 +2,7 @@
 
 * the gradient methods of :data:`relp.edges.attribution.EDGE_METHODS` (``atp``, ``relp``, ``gim``,
   ``relp_eps``, ``two_point``, ``two_point_relp``, ``ig_inputs``, ``ig_inputs_relp``);
-* estimate-then-verify (``atp_verify``, ``relp_verify``; the method study's best, :func:`relp.verify` for
+* estimate-then-verify (``atp_verify``, ``verify`` (RelP + verify); the method study's best, :func:`relp.verify` for
   nodes): the estimate, then exact edge patching of its top ``k`` share of edges by |score|, whose
   estimates are replaced by the exact values (:func:`verify_edges`);
 * exact edge patching of every edge (``ap``; one forward pass per edge: tiny models, or a chosen subset
@@ -20,7 +20,7 @@ import torch
 from relp.edges.attribution import EDGE_METHODS, EdgeScores, edge_attribution
 from relp.edges.intervention import edge_patching
 
-VERIFY_METHODS = {"atp_verify": "atp", "relp_verify": "relp"}
+VERIFY_METHODS = {"atp_verify": "atp", "verify": "relp"}
 #: every key :func:`score_edges` takes
 EDGE_METHOD_KEYS = (*EDGE_METHODS, *VERIFY_METHODS, "ap")
 DEFAULT_K = 0.005

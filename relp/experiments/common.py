@@ -109,6 +109,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--export-percent must be in (0, 100]; got {percent:g}")
     if "device" in given:
         _check_device(given["device"])
+    if given.get("level") == "edges":
+        from relp.experiments.edges import check_level_arguments
+
+        check_level_arguments(args)
     out = given.get("out")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file; expected a directory (new or existing)")

@@ -15,6 +15,8 @@ MIB's heads + MLPs) and prompts of every layout are used.
 
     python -m relp faithfulness --out runs/faithfulness     # the embedded SmolLM2, default settings
     python experiments/faithfulness.py --model gpt2 --components head mlp_out --summed
+    python -m relp faithfulness --level edges               # edges (relp.experiments.edges); methods
+                                                            # default to atp relp atp_verify there
 
 Writes faithfulness.json ({method: {"cpr", "cmd", "curve": [[k, f], ...], "seconds", ...}, "random":
 {...}}), faithfulness.md (the table), run.json (settings, timings, m(M), m(empty)), faithfulness.png
@@ -42,8 +44,9 @@ from relp.experiments.common import (
     score_batches,
     versions,
 )
+from relp.experiments.edges import DEFAULT_EDGE_FAITHFULNESS_METHODS, add_level_arguments
 from relp.faithfulness import CircuitEvaluator, PooledEvaluator, cpr_cmd, random_baseline
-from relp.methods import method_label
+from relp.methods import method_label, standard_methods
 from relp.metrics import LogitDiff
 from relp.mib import to_mib_json
 from relp.plotting import plot_faithfulness
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-percent", type=float, default=5.0, help="circuits/<method>.json: top k%% in the graph (default: 5)")
     parser.add_argument("--out", default="runs/faithfulness", help="output directory")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
+    add_level_arguments(parser, ioi=False)
     return parser
 
 
@@ -103,6 +107,12 @@ def run(args: argparse.Namespace, model=None) -> dict:
         model = relp.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     load_seconds = time.perf_counter() - started
     model_name = str(args.model or model.cfg.model_name)
+    if args.level == "edges":
+        from relp.experiments import edges
+
+        args.summed = True  # MIB's edges are summed over positions: prompts of every layout
+        scoring_batches, eval_batches, prompt_note = _split_prompts(model, args)
+        return edges.run_faithfulness(args, model, scoring_batches, eval_batches, prompt_note, started, load_seconds)
     scoring_batches, eval_batches, prompt_note = _split_prompts(model, args)
     per_position = not args.summed
     print(
@@ -240,7 +250,16 @@ def results_markdown(table: dict, run_info: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return run(parse_arguments(build_parser(), argv))
+    args = parse_arguments(build_parser(), argv)
+    if args.level == "edges" and args.methods == standard_methods() and not _methods_given(argv):
+        args.methods = list(DEFAULT_EDGE_FAITHFULNESS_METHODS)  # exact edge patching of every edge: tiny models only
+    return run(args)
+
+
+def _methods_given(argv) -> bool:
+    import sys
+
+    return "--methods" in (sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

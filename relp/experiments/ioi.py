@@ -7,6 +7,7 @@ by every method; agreement with activation patching pools the cells of all layou
 
     python -m relp ioi --out runs/ioi                       # the embedded SmolLM2, default settings
     python experiments/ioi.py --model gpt2 --out runs/gpt2  # with network access
+    python -m relp ioi --level edges --n-prompts 32         # edges: relp.experiments.edges
 
 Writes results.json, results.md, positions.csv (scores per named position, all templates), and PNG
 figures (heatmaps per method, scatter of each method against activation patching).
@@ -32,6 +33,7 @@ from relp.experiments.common import (
     require_reference,
     score_batches,
 )
+from relp.experiments.edges import add_level_arguments
 from relp.metrics import LogitDiff, NormalizedLogitDiff
 from relp.tasks import make_ioi_dataset
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=10, help="k of the top-k overlap")
     parser.add_argument("--out", default="runs/ioi", help="output directory")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    add_level_arguments(parser, ioi=True)
     return parser
 
 
@@ -74,6 +77,16 @@ def run(args: argparse.Namespace, model=None) -> dict:
     print(f"{model_name}: {len(data)} IOI prompts ({args.corruption}), {len(batches)} layout batch(es)")
 
     metrics, clean_ld, corrupted_ld = ioi_metrics(model, batches)
+    if args.level == "edges":
+        from relp.experiments import edges
+
+        summary = {
+            "model": model_name, "n_prompts": len(data), "corruption": args.corruption, "templates": args.templates,
+            "seed": args.seed, "rules": args.rules, "metric": "normalized_logit_diff",
+            "clean_logit_diff": clean_ld.mean().item(), "corrupted_logit_diff": corrupted_ld.mean().item(),
+            "n_layout_batches": len(batches), "load_seconds": load_seconds,
+        }
+        return edges.run_ioi(args, model, batches, metrics, summary, started)
     jobs = [
         (batch, metric, f"batch {index + 1}/{len(batches)} ({len(batch)} prompts, {batch.length} tokens)")
         for index, (batch, metric) in enumerate(zip(batches, metrics))
