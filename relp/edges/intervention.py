@@ -66,10 +66,6 @@ def _sender_offsets(graph: EdgeGraph) -> list[int]:
     return [0] + [o for l in range(graph.n_layers) for o in (1 + l * (graph.n_heads + 1), 1 + l * (graph.n_heads + 1) + graph.n_heads)]
 
 
-def _hook_position(first: int, graph: EdgeGraph) -> int:
-    return _sender_offsets(graph).index(first)
-
-
 def _as_senders(name: str, x: torch.Tensor) -> torch.Tensor:
     """A sender hook's tensor as [rows, pos, senders, d]."""
     return x if name.endswith("hook_result") else x.unsqueeze(2)
@@ -134,38 +130,44 @@ def run_edges(
     replaced = (replaced & graph.allowed).to(device)
     other = other.to(device)
     labels = list(labels) if labels is not None else [f"copy {i}" for i in range(copies)]
-    differences: list[torch.Tensor] = []  # per sender hook, in forward order: [copies, batch, pos, senders, d] = other - live
+    # other - live for every sender so far, in one buffer [copies, batch, pos, sender, d] filled in forward
+    # order (allocated at the first sender; a receiver reads the prefix of senders written before it)
+    state: dict = {"buffer": None, "filled": 0}
 
     def record(name: str, first: int):
         def hook(x, hook):
             live = _as_senders(name, x).reshape(copies, n, x.shape[1], -1, x.shape[-1])
-            if len(differences) != _hook_position(first, graph):
+            if state["filled"] != first:
                 raise RuntimeError(f"{name} fired out of order (sender {first}); the edge engine needs the senders in forward order")
-            differences.append(other[:, :, first : first + live.shape[3]].unsqueeze(0).to(x.dtype) - live)
+            if state["buffer"] is None:
+                state["buffer"] = torch.empty(copies, n, x.shape[1], graph.n_senders, x.shape[-1], dtype=x.dtype, device=x.device)
+            width = live.shape[3]
+            torch.sub(other[:, :, first : first + width].unsqueeze(0).to(x.dtype), live, out=state["buffer"][:, :, :, first : first + width])
+            state["filled"] = first + width
             return x
 
         return hook
 
     def receive(indices: list[int], kind: str):
         mask = replaced[..., indices]  # [copies, (pos,) sender, r]
+        any_sender = mask.reshape(-1, mask.shape[-2], mask.shape[-1]).any(0).any(-1)  # [sender]
 
         def hook(x, hook):
-            if not bool(mask.any()):
+            if not bool(any_sender.any()):
                 return x
-            used = mask.reshape(-1, mask.shape[-2], mask.shape[-1]).any(0).any(-1).nonzero().flatten()
-            available = torch.cat(differences, dim=3) if len(differences) > 1 else differences[0]
-            used = used[used < available.shape[3]]
-            diff = available.index_select(3, used)  # [copies, batch, pos, used, d]
-            weights = mask.index_select(-2, used).to(diff.dtype)
+            filled = state["filled"]
+            used = any_sender[:filled].nonzero().flatten()
+            if 2 * used.numel() >= filled:  # most senders: read the prefix in place
+                diff, weights = state["buffer"][:, :, :, :filled], mask[..., :filled, :]
+            else:
+                diff, weights = state["buffer"].index_select(3, used), mask.index_select(-2, used)
+            weights = weights.to(diff.dtype)
             if per_position:
                 delta = torch.einsum("cbpsd,cpsr->cbprd", diff, weights)
             else:
                 delta = torch.einsum("cbpsd,csr->cbprd", diff, weights)
             stacked = x.reshape(copies, n, *x.shape[1:])
-            if kind == "heads":
-                stacked = stacked + delta
-            else:
-                stacked = stacked + delta.squeeze(3)
+            stacked = stacked + (delta if kind == "heads" else delta.squeeze(3))
             return stacked.reshape(x.shape)
 
         return hook
