@@ -248,13 +248,21 @@ def receiver_gradients(
             cotangents.append(torch.einsum("bphe,hde->bphd", grad, w.to(grad.dtype)))
         cotangents = torch.cat(cotangents, dim=2)
         _check_attention_gradients(model, layer, cotangents.sum(2), or_zeros(norm_grads[2 * layer], ln1_out))
-        per_receiver = [
-            torch.autograd.grad(ln1_out, ln1_in, cotangents[:, :, r], retain_graph=True)[0] for r in range(cotangents.shape[2])
-        ]
-        per_receiver.append(torch.autograd.grad(ln2_out, ln2_in, or_zeros(norm_grads[2 * layer + 1], ln2_out), retain_graph=True)[0])
-        out.append(torch.stack(per_receiver, dim=2))
+        attention = _norm_vjps(ln1_out, ln1_in, cotangents.movedim(2, 0))  # [receivers, batch, pos, d]
+        mlp = torch.autograd.grad(ln2_out, ln2_in, or_zeros(norm_grads[2 * layer + 1], ln2_out), retain_graph=True)[0]
+        out.append(torch.cat([attention.movedim(0, 2), mlp.unsqueeze(2)], dim=2))
     out.append(or_zeros(final_grad, final).unsqueeze(2))
     return out
+
+
+def _norm_vjps(output: torch.Tensor, input: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
+    """The norm's vector-Jacobian products for a stack of cotangents [n, *output.shape], in one batched
+    backward pass (vmap over the graph from `input` to `output`); one pass per cotangent where the graph
+    does not support batching."""
+    try:
+        return torch.autograd.grad(output, input, cotangents, retain_graph=True, is_grads_batched=True)[0]
+    except RuntimeError:  # an autograd function without a batching rule
+        return torch.stack([torch.autograd.grad(output, input, c, retain_graph=True)[0] for c in cotangents])
 
 
 def _check_attention_gradients(model, layer: int, summed: torch.Tensor, reference: torch.Tensor) -> None:
