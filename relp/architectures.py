@@ -19,7 +19,8 @@ post-LN encoder (BERT, RoBERTa) ``attn_out`` is ``attn.o.hook_out`` (the bridge'
                                ``LayerNorm(resid_pre + attention)``); ``resid_mid`` is the first norm's
                                output ``ln1.hook_out``, hooked directly (no offset); the final hidden state
                                is the last block's output (``ln_final`` belongs to the masked-LM head);
-                               ``BertModel``/``RobertaModel`` checkpoints load as ``*ForMaskedLM``
+                               ``BertModel``/``RobertaModel`` checkpoints load as ``*ForMaskedLM``; the
+                               stream is renormalised after every sublayer: no edges (relp.edges)
 =============================  ===========================================================================
 
 Adding an architecture is one :class:`Architecture` entry in :data:`ARCHITECTURES` plus its oracle test
@@ -53,6 +54,9 @@ class Architecture:
     mlp_input_stream: str | None = "blocks.{layer}.ln2.hook_in"
     #: Hugging Face classes of checkpoints without a head that load through ``classes[0]``
     bare_checkpoints: tuple[str, ...] = ()
+    #: the residual stream is a running sum of the sublayers' outputs (pre-norm blocks), so it has edges
+    #: between components (:mod:`relp.edges`); post-LN blocks renormalise it after every sublayer
+    additive_stream: bool = True
 
 
 DEFAULT = Architecture("pre-norm decoder")
@@ -69,10 +73,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "bert", classes=("BertForMaskedLM", "BertLMHeadModel"), hooks=_POST_LN_HOOKS,
             final_hidden="blocks.{last}.hook_resid_post", mlp_input_stream=None, bare_checkpoints=("BertModel",),
+            additive_stream=False,
         ),
         Architecture(
             "roberta", classes=("RobertaForMaskedLM",), hooks=_POST_LN_HOOKS,
             final_hidden="blocks.{last}.hook_resid_post", mlp_input_stream=None, bare_checkpoints=("RobertaModel",),
+            additive_stream=False,
         ),
     )
 }

@@ -114,7 +114,7 @@ class EdgeGraph:
     def from_model(cls, model) -> "EdgeGraph":
         """The graph of a TransformerLens bridge; post-LN encoders are refused (see the module docstring)."""
         cfg = model.cfg
-        if architecture_of(model).mlp_input_stream is None:
+        if not architecture_of(model).additive_stream:
             raise ValueError(
                 f"{cfg.model_name} ({cfg.architecture}) has post-LN blocks: the residual stream is renormalised after "
                 "every sublayer, so a component's input is not a sum of earlier outputs and there are no edges "
