@@ -441,3 +441,19 @@ def test_nodes_of_a_grouped_key_receiver_are_the_query_heads_of_its_group():
     mask = torch.zeros(graph.allowed.shape, dtype=torch.bool)
     mask[graph.edge_index("input->a0.h1<k>")] = True
     assert EdgeCircuit(graph, mask).nodes() == ["input", "a0.h2", "a0.h3"]
+
+
+def test_edges_of_a_decoder_used_as_an_embedder():
+    """A metric that reads a pooled sentence embedding (readout) instead of logits: the logits receiver is
+    then the final stream feeding the readout; sums and the full/empty circuits hold as for logits."""
+    model = tiny_model("llama", dtype=torch.float64)
+    clean, corrupted, _ = changed_at_2_and_4(model)
+    anchors = changed_at_2_and_4(model, seed=1)[0]
+    metric = relp.SimilarityDifference.from_runs(model, anchors, clean, corrupted, relp.SentenceEmbedding("mean"))
+    edges = edge_attribution(model, clean, corrupted, metric, method="atp")
+    nodes = relp.attribution_patching(model, clean, corrupted, metric, ["mlp_out"])
+    # HF's LlamaRMSNorm computes in float32 even in a float64 model: float32 rounding
+    assert edges.sender_totals()["m0"] == pytest.approx(nodes["mlp_out"][0].sum().item(), rel=1e-5)
+    evaluator = EdgeCircuitEvaluator(model, clean, corrupted, metric)
+    template = select_edges(edges, count=0)
+    assert evaluator.values([template.full(), template.empty()]).tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
