@@ -51,6 +51,7 @@ from relp.patching import activation_patching, attribution_patching, relevance_p
 from relp.atp_star import atp_star
 from relp.results import PatchingResult, ResultFileError, pool_results
 from relp.rules import PRESETS, RULES, RuleContextError, RuleNotLiveError, lrp_rules
+from relp.similarity import InteractionResult, PairRelevance, interaction_patching, pair_relevance
 from relp.tokens import to_tokens
 from relp.verification import estimate_then_verify, verify
 from relp.ap_cache import cached_activation_patching
@@ -86,6 +87,8 @@ __all__ = [
     "SentenceEmbedding",
     "SimilarityDifference",
     "HubUnavailableError",
+    "InteractionResult",
+    "PairRelevance",
     "default_cache_dir",
     "load_model",
     "pool_results",
@@ -108,7 +111,9 @@ __all__ = [
     "estimate_then_verify",
     "integrated_gradients",
     "integrated_gradients_inputs",
+    "interaction_patching",
     "lrp_rules",
+    "pair_relevance",
     "relevance_patching",
     "to_tokens",
     "two_point_patching",

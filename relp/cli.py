@@ -10,6 +10,7 @@ EXPERIMENTS = {
     "embedding": "relp.experiments.embedding",
     "embedding-rule-ablation": "relp.experiments.rule_ablation",
     "methods": "relp.experiments.methods",
+    "similarity": "relp.experiments.similarity",
 }
 
 

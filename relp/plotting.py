@@ -53,7 +53,10 @@ if TYPE_CHECKING:
     from relp.edges import EdgeCircuit
     from relp.faithfulness import FaithfulnessSummary, RandomBaseline
 
-__all__ = ["plot_agreement", "plot_circuit_graph", "plot_faithfulness", "plot_heatmap", "plot_scatter", "plot_scores"]
+__all__ = [
+    "plot_agreement", "plot_alignment", "plot_circuit_graph", "plot_faithfulness", "plot_heatmap", "plot_pair_relevance",
+    "plot_scatter", "plot_scores",
+]
 
 DPI = 120
 CMAP = "RdBu_r"
@@ -811,3 +814,94 @@ def plot_circuit_graph(
         ax.set_title(title, fontsize=10, parse_math=False)
     _save(fig, path)
     return fig
+
+
+# Similarity explanations (relp.similarity): token x token relevance
+
+
+def _pair_data(result) -> tuple[np.ndarray, list[str], list[str]]:
+    matrix = getattr(result, "matrix", None)
+    if matrix is None or np.ndim(_numpy(matrix)) != 2:
+        raise TypeError(f"expected a relp.PairRelevance (a result with a 2-D .matrix); got {type(result).__name__}")
+    data = _numpy(matrix)
+    tokens_a = [_readable(str(t)) for t in result.tokens_a]
+    tokens_b = [_readable(str(t)) for t in result.tokens_b]
+    if data.shape != (len(tokens_a), len(tokens_b)):
+        raise ValueError(f"the matrix has shape {data.shape}; the tokens are {len(tokens_a)} x {len(tokens_b)}")
+    return data, tokens_a, tokens_b
+
+
+def plot_pair_relevance(
+    result, *, ax: Axes | None = None, title: str | None = None, cmap: str = CMAP, colorbar: bool = True, path=None
+) -> Axes:
+    """Token x token heat map of a :class:`relp.PairRelevance`: text A's tokens on the y axis (top to
+    bottom), text B's on the x axis, colours diverging and centred on zero (red pairs raise the
+    similarity). Returns the Axes; ``path`` saves the figure."""
+    data, tokens_a, tokens_b = _pair_data(result)
+    if ax is None:
+        ax = _new_axes((max(4.0, 0.38 * len(tokens_b) + 2.0), max(3.0, 0.32 * len(tokens_a) + 1.5)))
+    limit = float(np.nanmax(np.abs(data))) if data.size and np.isfinite(data).any() else 0.0
+    limit = limit if limit > 0 else 1.0
+    image = ax.imshow(data, cmap=cmap, norm=Normalize(vmin=-limit, vmax=limit), aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(tokens_a)), tokens_a, fontsize=8)
+    ax.set_xticks(range(len(tokens_b)), tokens_b, fontsize=8, rotation=55, ha="right", rotation_mode="anchor")
+    ax.set_ylabel("text A")
+    ax.set_xlabel("text B")
+    if title is None:
+        rules = "+".join(result.rules) or "gradient"
+        title = f"pair relevance ({rules}): {result.similarity_kind} {result.similarity:.3f}, sum {data.sum():.3f}"
+    ax.set_title(title, fontsize=10, parse_math=False)
+    if colorbar:
+        bar = ax.figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+        bar.set_label("relevance of the pair", fontsize=9)
+        bar.ax.tick_params(labelsize=8)
+    _save(ax.figure, path)
+    return ax
+
+
+def plot_alignment(
+    result,
+    *,
+    k: int = 8,
+    exclude: Sequence[str] = (),
+    ax: Axes | None = None,
+    title: str | None = None,
+    cmap: str = CMAP,
+    path=None,
+) -> Axes:
+    """Two rows of tokens (A on top, B below) joined by arcs for the `k` pairs of largest |relevance|
+    (tokens in `exclude`, e.g. ``("[CLS]", "[SEP]")``, left out); an arc's width and colour show its
+    relevance (red raises the similarity, blue lowers it; widths relative to the strongest pair).
+    Returns the Axes; ``path`` saves the figure."""
+    from matplotlib import colormaps
+    from matplotlib.patches import PathPatch
+    from matplotlib.path import Path as MplPath
+
+    data, tokens_a, tokens_b = _pair_data(result)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer (how many pairs to draw); got {k!r}")
+    pairs = result.top_pairs(k, absolute=True, exclude=tuple(exclude))
+    n = max(len(tokens_a), len(tokens_b))
+    if ax is None:
+        ax = _new_axes((max(5.0, 0.75 * n), 3.0))
+    xs_a = np.linspace(0, n - 1, len(tokens_a)) if len(tokens_a) > 1 else np.array([(n - 1) / 2])
+    xs_b = np.linspace(0, n - 1, len(tokens_b)) if len(tokens_b) > 1 else np.array([(n - 1) / 2])
+    for x, token in zip(xs_a, tokens_a):
+        ax.text(x, 1.0, token, ha="center", va="bottom", fontsize=9, rotation=30, rotation_mode="anchor")
+    for x, token in zip(xs_b, tokens_b):
+        ax.text(x, 0.0, token, ha="center", va="top", fontsize=9, rotation=30, rotation_mode="anchor")
+    strongest = max((abs(p[4]) for p in pairs), default=1.0) or 1.0
+    colours = colormaps[cmap]
+    for i, j, _, _, value in pairs:
+        start, end = (xs_a[i], 0.95), (xs_b[j], 0.05)
+        arc = MplPath([start, (start[0], 0.5), (end[0], 0.5), end], [MplPath.MOVETO, MplPath.CURVE4, MplPath.CURVE4, MplPath.CURVE4])
+        colour = colours(0.5 + 0.5 * value / strongest)
+        ax.add_patch(PathPatch(arc, facecolor="none", edgecolor=colour, linewidth=0.5 + 5.5 * abs(value) / strongest, alpha=0.85))
+    ax.set_xlim(-0.8, n - 0.2)
+    ax.set_ylim(-0.45, 1.45)
+    ax.axis("off")
+    if title is None:
+        title = f"strongest {len(pairs)} token pairs (A top, B bottom); {result.similarity_kind} {result.similarity:.3f}"
+    ax.set_title(title, fontsize=10, parse_math=False)
+    _save(ax.figure, path)
+    return ax
