@@ -234,11 +234,16 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, factor):
         ctx.factor = factor
-        return x.view_as(x)
+        return x.clone()  # not a view: forward-mode AD (jvp) needs a new tensor
 
     @staticmethod
     def backward(ctx, grad):
         return grad * ctx.factor, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, factor_tangent):
+        # forward-mode derivative: the transpose of the (diagonal) backward map, the same factor
+        return None if x_tangent is None else x_tangent * ctx.factor
 
 
 class _ConstantRatioGatePath(torch.autograd.Function):
@@ -255,7 +260,22 @@ class _ConstantRatioGatePath(torch.autograd.Function):
         ctx.share = share
         ctx.pre_dtype = pre.dtype
         ctx.save_for_backward(ratio, None if up is None else up.detach(), scaled_activated)
-        return post.view_as(post)
+        ctx.save_for_forward(ratio, None if up is None else up.detach(), scaled_activated)
+        return post.clone()  # not a view: forward-mode AD (jvp) needs a new tensor
+
+    @staticmethod
+    def jvp(ctx, post_tangent, pre_tangent, up_tangent, ratio_tangent, scaled_tangent, share_tangent):
+        """Forward-mode derivative along the rule's path (the transpose of :meth:`backward`'s diagonal maps):
+        ``d pre * ratio`` (with `up`: ``d pre * up * share * ratio + d up * scaled_activated``)."""
+        ratio, up, scaled_activated = ctx.saved_tensors
+        out = None
+        if pre_tangent is not None:
+            wide = pre_tangent.to(ratio.dtype)
+            out = (wide * ratio if up is None else wide * up * ctx.share * ratio).to(ctx.pre_dtype)
+        if up is not None and up_tangent is not None:
+            term = up_tangent * scaled_activated
+            out = term if out is None else out + term.to(out.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -279,8 +299,15 @@ class _RmsNormRulePath(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, inv_scale, weight):
         ctx.save_for_backward(inv_scale, weight)
+        ctx.save_for_forward(inv_scale, weight)
         ctx.x_dtype = x.dtype
-        return y.view_as(y)
+        return y.clone()  # not a view: forward-mode AD (jvp) needs a new tensor
+
+    @staticmethod
+    def jvp(ctx, y_tangent, x_tangent, inv_scale_tangent, weight_tangent):
+        """Forward-mode derivative along the rule's path: ``d x * weight * inv_scale``."""
+        inv_scale, weight = ctx.saved_tensors
+        return None if x_tangent is None else (x_tangent.to(inv_scale.dtype) * weight * inv_scale).to(ctx.x_dtype)
 
     @staticmethod
     def backward(ctx, grad):

@@ -406,10 +406,49 @@ def _vjp_relevance(side: _Side, cotangents: torch.Tensor, multiplier: torch.Tens
     return torch.cat(out).detach()
 
 
-def _pair_matrix(side_a: _Side, side_b: _Side, multiplier_a, multiplier_b, projection: int | None, seed: int):
-    """``R_a R_b^T`` [T_a, T_b] with ``R_s[i, m] = multiplier_s[i] . d u_m / d x_s[i]``, and the number of
-    cotangents used. Exact: full relevances of the shorter side, then its rows as cotangents on the other
-    (see the module docstring); projected: ``R_a P (R_b P)^T``."""
+def _jvp_relevance(model, side: _Side, readout, rule_set: RuleSet, multiplier: torch.Tensor) -> torch.Tensor:
+    """``R_s`` [T, D] with ``R_s[i, m] = multiplier[i] . d u_m / d x[i]``: forward-mode derivatives of the
+    readout along `multiplier` at position i, for every i in one pass (T stacked copies of the text, copy
+    i's tangent at position i). Under the rules the tangents follow each rule's path (a rule keeps the
+    value and swaps the derivative's path, ``y.detach() + (p - p.detach())``, whose forward derivative is
+    p's), the transpose of the rule's backward. Raises where a rule has no forward derivative."""
+    import torch.autograd.forward_ad as forward_ad
+
+    x = side.leaf.detach()
+    positions = x.shape[1]
+    primal = x.expand(positions, *x.shape[1:]).contiguous()
+    tangent = torch.zeros_like(primal)
+    index = torch.arange(positions, device=primal.device)
+    tangent[index, index] = multiplier[0].to(primal.dtype)
+    with torch.no_grad(), forward_ad.dual_level():
+        dual = forward_ad.make_dual(primal, tangent)
+
+        def inject(value, hook):
+            if value.shape != dual.shape:
+                raise RuntimeError(f"{hook.name}: expected shape {tuple(dual.shape)}, got {tuple(value.shape)}")
+            return dual
+
+        with applied_rules(model, rule_set), model.hooks(fwd_hooks=[(INPUT_HOOK, inject)]):
+            embedding = readout(model, side.tokens.repeat(positions, 1))
+        rows = forward_ad.unpack_dual(embedding).tangent
+    if rows is None:
+        raise RuntimeError("no forward derivative reached the readout's embedding")
+    return rows.detach().reshape(positions, -1)
+
+
+def _pair_matrix(side_a: _Side, side_b: _Side, multiplier_a, multiplier_b, projection: int | None, seed: int,
+                 forward: Callable | None = None):
+    """``R_a R_b^T`` [T_a, T_b] with ``R_s[i, m] = multiplier_s[i] . d u_m / d x_s[i]``, and how it was
+    computed. Exact with `forward` (``(side, multiplier) -> R_s``, :func:`_jvp_relevance`): forward-mode
+    rows of both sides, one pass each; where that fails, or without it, reverse mode: full relevances of
+    the shorter side, then its rows as cotangents on the other (see the module docstring). Projected:
+    ``R_a P (R_b P)^T``."""
+    if projection is None and forward is not None:
+        try:
+            rows_a, rows_b = forward(side_a, multiplier_a), forward(side_b, multiplier_b)
+            return rows_a @ rows_b.T, "forward mode: 2 passes"
+        except (RuntimeError, NotImplementedError):
+            pass  # a rule or an operation without a forward derivative: reverse mode below
     dim = side_a.embedding.shape[0]
     dtype, device = side_a.embedding.dtype, side_a.embedding.device
     if projection is not None:
@@ -418,15 +457,15 @@ def _pair_matrix(side_a: _Side, side_b: _Side, multiplier_a, multiplier_b, proje
         directions = directions.to(device=device, dtype=dtype)  # rows are the columns of P
         projected_a = _vjp_relevance(side_a, directions, multiplier_a, retain=False)  # [k, T_a] = (R_a P)^T
         projected_b = _vjp_relevance(side_b, directions, multiplier_b, retain=False)
-        return projected_a.T @ projected_b, 2 * projection
+        return projected_a.T @ projected_b, f"reverse mode: {2 * projection} cotangents"
     identity = torch.eye(dim, dtype=dtype, device=device)
     if side_a.leaf.shape[1] < side_b.leaf.shape[1]:
         full_a = _vjp_relevance(side_a, identity, multiplier_a, retain=False)  # [D, T_a] = R_a^T
         columns = _vjp_relevance(side_b, full_a.T, multiplier_b, retain=False)  # [T_a, T_b]: R_a R_b^T
-        return columns, dim + full_a.shape[1]
+        return columns, f"reverse mode: {dim + full_a.shape[1]} cotangents"
     full_b = _vjp_relevance(side_b, identity, multiplier_b, retain=False)  # [D, T_b] = R_b^T
     rows = _vjp_relevance(side_a, full_b.T, multiplier_a, retain=False)  # [T_b, T_a]: R_b R_a^T
-    return rows.T, dim + full_b.shape[1]
+    return rows.T, f"reverse mode: {dim + full_b.shape[1]} cotangents"
 
 
 def _scale(similarity: str, normalized: bool, u_a: torch.Tensor, u_b: torch.Tensor) -> float:
@@ -450,6 +489,7 @@ def pair_relevance(
     rules: str | Sequence[str] | None = DEFAULT_PRESET,
     projection: int | None = None,
     seed: int = 0,
+    mode: str = "auto",
 ) -> PairRelevance:
     """Token-pair relevance ``R`` [tokens_a, tokens_b] of the similarity of two texts (BiLRP).
 
@@ -465,6 +505,9 @@ def pair_relevance(
         projection: None (exact: D + min(T_a, T_b) cotangents) or k >= 1 random directions (2 k
             cotangents; an unbiased estimate, error ~ 1/sqrt(k), see :func:`projection_error`).
         seed: seeds the random projection.
+        mode: how the exact matrix is computed: ``"auto"`` (forward-mode derivatives, one pass of T stacked
+            copies per text, where every rule has one; else reverse mode), ``"forward"`` (an error where it
+            cannot), ``"reverse"`` (batched VJPs, D + min(T_a, T_b) cotangents). The same matrix either way.
 
     Returns:
         A :class:`PairRelevance`. Example::
@@ -478,6 +521,10 @@ def pair_relevance(
     projection = _check_projection(projection)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int; got {seed!r}")
+    if mode not in ("auto", "forward", "reverse"):
+        raise ValueError(f"mode must be 'auto', 'forward' or 'reverse'; got {mode!r}")
+    if mode == "forward" and projection is not None:
+        raise ValueError("a random projection is computed in reverse mode; pass mode='auto' or 'reverse' with projection=")
     readout, normalized, readout_name = _resolve_readout(model, readout)
     tokens_a = _tokens(model, text_a, "text_a")
     tokens_b = _tokens(model, text_b, "text_b")
@@ -488,7 +535,13 @@ def pair_relevance(
         raise ValueError(f"the embeddings of A and B differ in shape: {tuple(side_a.embedding.shape)} vs {tuple(side_b.embedding.shape)}")
     scale = _scale(similarity, normalized, side_a.embedding, side_b.embedding)
     value = float(side_a.embedding.detach().double() @ side_b.embedding.detach().double()) * scale
-    matrix, cotangents = _pair_matrix(side_a, side_b, side_a.leaf.detach(), side_b.leaf.detach(), projection, seed)
+    forward = None if mode == "reverse" else (lambda side, multiplier: _jvp_relevance(model, side, readout, rule_set, multiplier))
+    if mode == "forward":
+        matrix = _jvp_relevance(model, side_a, readout, rule_set, side_a.leaf.detach()) @ _jvp_relevance(
+            model, side_b, readout, rule_set, side_b.leaf.detach()).T
+        cost = "forward mode: 2 passes"
+    else:
+        matrix, cost = _pair_matrix(side_a, side_b, side_a.leaf.detach(), side_b.leaf.detach(), projection, seed, forward)
     return PairRelevance(
         matrix=(matrix * scale).detach(),
         similarity=value,
@@ -504,7 +557,7 @@ def pair_relevance(
             "norms_as_constants": scale != 1.0,
             "scale": scale,
             "input_hook": INPUT_HOOK,
-            "cotangents": cotangents,
+            "computed_by": cost,
             "rules_not_applicable": dict(rule_set.not_applicable),
             "seed": int(seed) if projection is not None else None,
         },
@@ -649,7 +702,9 @@ def interaction_patching(
     u_a, u_b = side_a.embedding.detach(), side_b.embedding.detach()
     first_a = _vjp_relevance(side_a, u_b[None], delta_a)[0] * scale  # [T_a]: (x - x') . ds/dx' per token
     first_b = _vjp_relevance(side_b, u_a[None], delta_b)[0] * scale
-    pairs, _ = _pair_matrix(side_a, side_b, delta_a, delta_b, None, 0)
+    pairs, _ = _pair_matrix(
+        side_a, side_b, delta_a, delta_b, None, 0, lambda side, multiplier: _jvp_relevance(model, side, readout, rule_set, multiplier)
+    )
     pairs = pairs * scale
     index_a, index_b = list(changed_a), list(changed_b)
     side_a_total, side_b_total, interaction_total = float(first_a.sum()), float(first_b.sum()), float(pairs.sum())

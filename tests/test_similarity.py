@@ -106,9 +106,13 @@ def test_fast_path_equals_explicit_per_dimension_relevances(bert):
 
     r_a, u_a = per_dimension(TEXT_A)
     r_b, u_b = per_dimension(TEXT_B)
-    result = pair_relevance(bert, TEXT_A, TEXT_B, similarity="dot", readout=readout, rules="relp")
     expected = r_a @ r_b.T
-    torch.testing.assert_close(result.matrix, expected, rtol=0, atol=TOL * float(expected.abs().max()))
+    for mode in ("forward", "reverse"):  # forward-mode rows of both sides; batched VJPs, transposed
+        result = pair_relevance(bert, TEXT_A, TEXT_B, similarity="dot", readout=readout, rules="relp", mode=mode)
+        torch.testing.assert_close(result.matrix, expected, rtol=0, atol=TOL * float(expected.abs().max()))
+        assert result.metadata["computed_by"].startswith(mode)
+    result = pair_relevance(bert, TEXT_A, TEXT_B, similarity="dot", readout=readout, rules="relp")
+    assert result.metadata["computed_by"] == "forward mode: 2 passes"  # auto: forward mode where the rules allow
     assert result.similarity == pytest.approx(float(u_a @ u_b), abs=TOL)
     assert result.rules == ("ln", "identity")  # half does not apply to BERT
     # plain gradients are a different matrix (the rules act)
@@ -140,7 +144,7 @@ def test_random_projection_converges_to_exact(bert):
     again = pair_relevance(bert, TEXT_A, TEXT_B, readout=SentenceEmbedding("mean"), projection=8, seed=3)
     other = pair_relevance(bert, TEXT_A, TEXT_B, readout=SentenceEmbedding("mean"), projection=8, seed=4)
     assert torch.equal(one.matrix, again.matrix) and not torch.equal(one.matrix, other.matrix)
-    assert one.projection == 8 and one.metadata["cotangents"] == 16
+    assert one.projection == 8 and one.metadata["computed_by"] == "reverse mode: 16 cotangents"
 
 
 def test_result_helpers(bert):
