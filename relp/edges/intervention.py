@@ -130,42 +130,53 @@ def run_edges(
     replaced = (replaced & graph.allowed).to(device)
     other = other.to(device)
     labels = list(labels) if labels is not None else [f"copy {i}" for i in range(copies)]
-    # other - live for every sender so far, in one buffer [copies, batch, pos, sender, d] filled in forward
-    # order (allocated at the first sender; a receiver reads the prefix of senders written before it)
+    # other - live for every sender so far, in one buffer filled in forward order (allocated at the first
+    # sender), laid out so that a receiver's sum over senders is one batched matrix product over a prefix
+    # of the senders, read in place: [copy, 1, sender, batch * pos * d] (summed edges) or [copy, pos,
+    # sender, batch * d] (per position).
     state: dict = {"buffer": None, "filled": 0}
+    weights_all = replaced.unsqueeze(1) if not per_position else replaced  # [copy, 1 or pos, sender, receiver]
 
     def record(name: str, first: int):
         def hook(x, hook):
-            live = _as_senders(name, x).reshape(copies, n, x.shape[1], -1, x.shape[-1])
+            live = _as_senders(name, x).reshape(copies, n, x.shape[1], -1, x.shape[-1])  # [c, b, p, w, d]
             if state["filled"] != first:
                 raise RuntimeError(f"{name} fired out of order (sender {first}); the edge engine needs the senders in forward order")
+            width, d = live.shape[3], live.shape[4]
             if state["buffer"] is None:
-                state["buffer"] = torch.empty(copies, n, x.shape[1], graph.n_senders, x.shape[-1], dtype=x.dtype, device=x.device)
-            width = live.shape[3]
-            torch.sub(other[:, :, first : first + width].unsqueeze(0).to(x.dtype), live, out=state["buffer"][:, :, :, first : first + width])
+                shape = (copies, length, graph.n_senders, n * d) if per_position else (copies, 1, graph.n_senders, n * length * d)
+                state["buffer"] = torch.empty(shape, dtype=x.dtype, device=x.device)
+            diff = other[:, :, first : first + width].unsqueeze(0).to(x.dtype) - live
+            target = state["buffer"][:, :, first : first + width]
+            if per_position:  # [c, p, w, b, d]
+                target.view(copies, length, width, n, d).copy_(diff.permute(0, 2, 3, 1, 4))
+            else:  # [c, w, b, p, d]
+                target.view(copies, width, n, length, d).copy_(diff.permute(0, 3, 1, 2, 4))
             state["filled"] = first + width
             return x
 
         return hook
 
     def receive(indices: list[int], kind: str):
-        mask = replaced[..., indices]  # [copies, (pos,) sender, r]
-        any_sender = mask.reshape(-1, mask.shape[-2], mask.shape[-1]).any(0).any(-1)  # [sender]
+        weights_here = weights_all[..., indices]  # [copy, 1 or pos, sender, r]
+        any_sender = weights_here.reshape(-1, *weights_here.shape[-2:]).any(0).any(-1)  # [sender]
 
         def hook(x, hook):
             if not bool(any_sender.any()):
                 return x
             filled = state["filled"]
+            buffer = state["buffer"]
             used = any_sender[:filled].nonzero().flatten()
-            if 2 * used.numel() >= filled:  # most senders: read the prefix in place
-                diff, weights = state["buffer"][:, :, :, :filled], mask[..., :filled, :]
+            if 2 * used.numel() >= filled:  # most senders: the prefix, in place
+                diff, weights = buffer[:, :, :filled], weights_here[:, :, :filled]
             else:
-                diff, weights = state["buffer"].index_select(3, used), mask.index_select(-2, used)
-            weights = weights.to(diff.dtype)
+                diff, weights = buffer.index_select(2, used), weights_here.index_select(2, used)
+            delta = torch.matmul(weights.transpose(-1, -2).to(diff.dtype), diff)  # [copy, 1 or pos, r, k]
+            r, d = delta.shape[2], x.shape[-1]
             if per_position:
-                delta = torch.einsum("cbpsd,cpsr->cbprd", diff, weights)
+                delta = delta.view(copies, length, r, n, d).permute(0, 3, 1, 2, 4)
             else:
-                delta = torch.einsum("cbpsd,csr->cbprd", diff, weights)
+                delta = delta.view(copies, r, n, length, d).permute(0, 2, 3, 1, 4)
             stacked = x.reshape(copies, n, *x.shape[1:])
             stacked = stacked + (delta if kind == "heads" else delta.squeeze(3))
             return stacked.reshape(x.shape)
