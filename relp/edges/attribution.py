@@ -41,7 +41,6 @@ path between the two runs' input embeddings, Hanna et al. 2024).
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from relp.interventions import capture_hooks, model_output
 from relp.methods import get_method
 from relp.metrics import check_metric_value, metric_name
 from relp.patching import Metric, Tokens, _live_rules, _prepare, _root_differentiable, _score_dtype
-from relp.rules import RuleSet, applied_rules, rule_forward_contexts
+from relp.rules import applied_rules, rule_forward_contexts
 
 #: edge method key -> (kind, default rules). Keys are those of the node-level registry (relp.methods),
 #: whose labels and colours the plots use.

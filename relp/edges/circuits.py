@@ -36,7 +36,6 @@ from relp.faithfulness import (
     CircuitEvaluator,
     FaithfulnessSummary,
     RandomBaseline,
-    _check_span,
     _evaluate_curves,
 )
 

@@ -20,10 +20,8 @@ restored afterwards, also when an exception is raised.
 from __future__ import annotations
 
 import contextlib
-import math
-import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
