@@ -288,7 +288,7 @@ def run_faithfulness(args, model, scoring_batches, eval_batches, prompt_note: st
 
     (out / "faithfulness.json").write_text(json.dumps(table, indent=2))
     (out / "run.json").write_text(json.dumps(run_info, indent=2))
-    markdown = results_markdown(table, run_info).replace("Nodes: edges summed over positions", "Edges (summed over positions)")
+    markdown = results_markdown(table, run_info)
     (out / "faithfulness.md").write_text(markdown)
     if not args.no_figures:
         plotting.plot_faithfulness(

@@ -219,8 +219,7 @@ def results_markdown(table: dict, run_info: dict) -> str:
     lines = [
         f"# IOI circuit faithfulness ({run_info['model']})",
         "",
-        f"Nodes: {'+'.join(run_info['components'])} {'per position' if run_info['per_position'] else 'summed over positions'} "
-        f"({run_info['n_nodes']} nodes); scores on {run_info['n_prompts']} prompts, circuits evaluated on "
+        f"{_space(run_info)}; scores on {run_info['n_prompts']} prompts, circuits evaluated on "
         f"{run_info['n_eval']} held-out prompts ({run_info['prompts']}); `{run_info['ablation']}` ablation; "
         f"metric: logit difference, m(M) = {run_info['m_full']:.3f}, m(empty) = {run_info['m_empty']:.3f}.",
         "",
@@ -247,6 +246,14 @@ def results_markdown(table: dict, run_info: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _space(run_info: dict) -> str:
+    """What the circuits are made of: nodes (which, per position or summed) or edges."""
+    where = "per position" if run_info["per_position"] else "summed over positions"
+    if run_info.get("level") == "edges":
+        return f"Edges of {run_info['graph']}, {where} ({run_info['n_nodes']} edges)"
+    return f"Nodes: {'+'.join(run_info['components'])} {where} ({run_info['n_nodes']} nodes)"
 
 
 def main(argv=None) -> dict:
