@@ -486,9 +486,11 @@ def plot_faithfulness(
     axes=None,
     path=None,
     colors: Mapping[str, str] | None = None,
+    unit: str = "nodes",
 ) -> Figure:
     """f(k) per method: signed-score circuits (CPR) on the left, absolute-score circuits (CMD) on the
-    right, the random baseline's mean +- standard deviation as a grey band. Log k axis (the MIB grid
+    right, the random baseline's mean +- standard deviation as a grey band. `unit` names what k counts
+    (``"nodes"``, ``"edges"``). Log k axis (the MIB grid
     is roughly log-spaced); CPR and CMD are areas on the linear axis.
 
     ``summaries`` maps a method label to its :class:`~relp.faithfulness.FaithfulnessSummary` (from
@@ -516,7 +518,7 @@ def plot_faithfulness(
         ax.axhline(1, color="0.3", lw=0.8, ls="--")
         ax.axhline(0, color="0.3", lw=0.8, ls=":")
         ax.set_xscale("log")
-        ax.set_xlabel("circuit size k (% of scored nodes)")
+        ax.set_xlabel(f"circuit size k (% of scored {unit})")
         ax.set_title("ranked by signed score (CPR)" if which == "signed" else "ranked by |score| (CMD)")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("faithfulness f(k)")

@@ -293,7 +293,7 @@ def run_faithfulness(args, model, scoring_batches, eval_batches, prompt_note: st
     if not args.no_figures:
         plotting.plot_faithfulness(
             {method_label(m): s for m, s in summaries.items()}, baseline,
-            title=f"{model_name}: IOI edges, {args.ablation} ablation", path=out / "faithfulness.png",
+            title=f"{model_name}: IOI edges, {args.ablation} ablation", path=out / "faithfulness.png", unit="edges",
         )
     print(markdown)
     print(f"wrote {out}/ in {total_seconds:.0f} s")
