@@ -264,3 +264,17 @@ def test_hooks_removed_after_exceptions(bert):
         assert _hook_count(bert) == hooks_before
     result = pair_relevance(bert, TEXT_A, TEXT_B, readout=SentenceEmbedding("mean"))  # still usable
     assert torch.isfinite(result.matrix).all()
+
+
+@pytest.mark.parametrize("rules", ["relp", "gim"])
+def test_forward_mode_equals_reverse_mode_on_a_decoder_embedder(rules):
+    """A Llama used as an embedder exercises the other rules' forward derivatives: the fused RMSNorm
+    LN-rule, the Identity- and Half-rule on the gated MLP (relp), the attnlrp gradient scaling (gim)."""
+    model = tiny_model("llama", n_layers=2, dtype=torch.float64)
+    readout = SentenceEmbedding("mean", normalize=False)
+    forward = pair_relevance(model, TEXT_A, TEXT_B, similarity="dot", readout=readout, rules=rules, mode="forward")
+    reverse = pair_relevance(model, TEXT_A, TEXT_B, similarity="dot", readout=readout, rules=rules, mode="reverse")
+    assert set(forward.rules) >= ({"ln", "identity", "half"} if rules == "relp" else {"ln", "attnlrp"})
+    # HF's LlamaRMSNorm computes in float32 even in a float64 model: float32 rounding
+    torch.testing.assert_close(forward.matrix, reverse.matrix, rtol=0, atol=1e-5 * float(reverse.matrix.abs().max()))
+    assert float(reverse.matrix.abs().max()) > 0
