@@ -431,12 +431,12 @@ class CircuitEvaluator(_Evaluator):
     # --- evaluation ---
     def values(self, circuits: Circuit | Sequence[Circuit]) -> torch.Tensor:
         """m(C) for each circuit (float64 [len(circuits)]); each distinct node set is run once, ever."""
-        circuits = [circuits] if isinstance(circuits, Circuit) else list(circuits)
+        circuits = [circuits] if isinstance(circuits, self.circuit_type) else list(circuits)
         keys = []
         pending: dict[tuple, Circuit] = {}
         for circuit in circuits:
-            if not isinstance(circuit, Circuit):
-                raise TypeError(f"expected Circuits; got {type(circuit).__name__}")
+            if not isinstance(circuit, self.circuit_type):
+                raise TypeError(f"expected {self.circuit_type.__name__}s; got {type(circuit).__name__}")
             self._check_space(circuit)
             key = (circuit.space_key(), circuit.mask_key())
             keys.append(key)
@@ -489,9 +489,13 @@ class PooledEvaluator(_Evaluator):
         if not self.evaluators:
             raise ValueError("no evaluators to pool")
         self.n_prompts = sum(e.n_prompts for e in self.evaluators)
+        kinds = {e.circuit_type for e in self.evaluators}
+        if len(kinds) != 1:
+            raise ValueError(f"cannot pool evaluators of different circuit kinds: {sorted(k.__name__ for k in kinds)}")
+        self.circuit_type = kinds.pop()
 
     def values(self, circuits: Circuit | Sequence[Circuit]) -> torch.Tensor:
-        circuits = [circuits] if isinstance(circuits, Circuit) else list(circuits)
+        circuits = [circuits] if isinstance(circuits, self.circuit_type) else list(circuits)
         total = torch.zeros(len(circuits), dtype=torch.float64)
         for evaluator in self.evaluators:
             total += evaluator.n_prompts * evaluator.values(circuits)

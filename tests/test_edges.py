@@ -457,3 +457,18 @@ def test_edges_of_a_decoder_used_as_an_embedder():
     evaluator = EdgeCircuitEvaluator(model, clean, corrupted, metric)
     template = select_edges(edges, count=0)
     assert evaluator.values([template.full(), template.empty()]).tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+def test_pooled_edge_evaluators_are_the_prompt_weighted_mean():
+    model = tiny_model("llama", dtype=torch.float64)
+    clean, corrupted, metric = changed_at_2_and_4(model)
+    scores = edge_attribution(model, clean, corrupted, metric, method="atp")
+    circuit = select_edges(scores, percent=20)
+    one = relp.LogitDiff(metric.answer[:1], metric.wrong[:1])
+    two = relp.LogitDiff(metric.answer[1:], metric.wrong[1:])
+    first = EdgeCircuitEvaluator(model, clean[:1], corrupted[:1], one)
+    rest = EdgeCircuitEvaluator(model, clean[1:], corrupted[1:], two)
+    pooled = relp.faithfulness.PooledEvaluator([first, rest])
+    expected = (first.values([circuit]) + 2 * rest.values([circuit])) / 3
+    torch.testing.assert_close(pooled.values(circuit), expected)
+    assert pooled.evaluate(circuit).n_nodes == circuit.n_edges

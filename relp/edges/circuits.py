@@ -359,25 +359,10 @@ class EdgeCircuitEvaluator(CircuitEvaluator):
         return self._other
 
     def _check_space(self, circuit) -> None:
-        if not isinstance(circuit, EdgeCircuit):
-            raise TypeError(f"an EdgeCircuitEvaluator evaluates EdgeCircuits; got {type(circuit).__name__}")
         if circuit.graph != self.graph:
             raise ValueError(f"the circuit's graph {circuit.graph!r} is not this model's {self.graph!r}")
         if circuit.per_position and circuit.n_positions != self.n_positions:
             raise ValueError(f"per-position edges of {circuit.n_positions} positions; the prompts have {self.n_positions}")
-
-    def values(self, circuits) -> torch.Tensor:
-        circuits = [circuits] if isinstance(circuits, EdgeCircuit) else list(circuits)
-        keys, pending = [], {}
-        for circuit in circuits:
-            self._check_space(circuit)
-            key = (circuit.space_key(), circuit.mask_key())
-            keys.append(key)
-            if key not in self._value_cache and key not in pending:
-                pending[key] = circuit
-        if pending:
-            self._run(list(pending.items()))
-        return torch.tensor([self._value_cache[key] for key in keys], dtype=torch.float64)
 
     def _run(self, items) -> None:
         rows = self.batch_size or edge_rows_per_pass(self.model, self.graph, self.n_positions, self.logits_to_keep)
