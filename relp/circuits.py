@@ -336,6 +336,32 @@ def count_for_percent(percent: float, n_total: int) -> int:
     return min(n_total, int(math.floor(percent / 100 * n_total + 1e-9)))
 
 
+def check_one_selection(count, percent, threshold) -> None:
+    """A clear error unless exactly one of count=, percent= and threshold= is given."""
+    given = {k: v for k, v in (("count", count), ("percent", percent), ("threshold", threshold)) if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of count=, percent= or threshold=; got {sorted(given) or 'none'}")
+
+
+def selection_size(count, percent, threshold, n_total: int, members: str = "scored nodes") -> tuple[int | None, dict]:
+    """(n, selection) for a selection of one of `count`, `percent`, `threshold` (checked, see
+    :func:`check_one_selection`) among `n_total` `members`: n is the number of top members (None for a
+    threshold), selection what is recorded (``{"count": n}``, ``{"percent": p}``, ``{"threshold": t}``)."""
+    check_one_selection(count, percent, threshold)
+    if threshold is not None:
+        threshold = float(threshold)
+        if math.isnan(threshold):
+            raise ValueError("threshold must be a number; got NaN")
+        return None, {"threshold": threshold}
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+            raise TypeError(f"count must be an integer; got {count!r}")
+        if not 0 <= count <= n_total:
+            raise ValueError(f"count must be in [0, {n_total}] (the number of {members}); got {count}")
+        return int(count), {"count": int(count)}
+    return count_for_percent(percent, n_total), {"percent": float(percent)}
+
+
 def node_order(scores: Mapping[str, torch.Tensor], absolute: bool = False) -> torch.Tensor:
     """Flat node indices from the highest score down (ties: node order)."""
     flat = torch.cat([s.reshape(-1).to(torch.float64) for s in scores.values()])
@@ -376,9 +402,7 @@ def select_circuit(
     ranks by |score|. ``components`` picks the node types (default: all in the score map);
     ``per_position=False`` sums scores over positions first.
     """
-    given = {k: v for k, v in (("count", count), ("percent", percent), ("threshold", threshold)) if v is not None}
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of count=, percent= or threshold=; got {sorted(given) or 'none'}")
+    check_one_selection(count, percent, threshold)
     if isinstance(components, str):
         components = [components]
     source = _node_source(scores, components, None if isinstance(scores, Circuit) else per_position)
@@ -387,24 +411,11 @@ def select_circuit(
     template = _circuit_template(source)
     flat = torch.cat([s.reshape(-1) for s in source.scores.values()])
     n_total = flat.numel()
-    if threshold is not None:
-        threshold = float(threshold)
-        if math.isnan(threshold):
-            raise ValueError("threshold must be a number; got NaN")
+    n, selection = selection_size(count, percent, threshold, n_total)
+    if n is None:
         key = flat.abs() if absolute else flat
-        mask = key >= threshold
-        selection = {"threshold": threshold}
+        mask = key >= selection["threshold"]
     else:
-        if count is not None:
-            if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
-                raise TypeError(f"count must be an integer; got {count!r}")
-            if not 0 <= count <= n_total:
-                raise ValueError(f"count must be in [0, {n_total}] (the number of scored nodes); got {count}")
-            n = int(count)
-            selection = {"count": n}
-        else:
-            n = count_for_percent(percent, n_total)
-            selection = {"percent": float(percent)}
         mask = torch.zeros(n_total, dtype=torch.bool)
         mask[node_order(source.scores, absolute)[:n]] = True
     selection["absolute"] = bool(absolute)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from relp.circuits import count_for_percent
+from relp.circuits import check_one_selection, selection_size
 from relp.edges.attribution import EdgeScores
 from relp.edges.graph import EdgeGraph
 from relp.edges.intervention import edge_rows_per_pass, run_edges, sender_values
@@ -262,32 +262,17 @@ def select_edges(
     percent only); ``prune=True`` removes edges off every input-to-logits path afterwards (the circuit
     may then hold fewer edges). See the module docstring.
     """
-    given = {k: v for k, v in (("count", count), ("percent", percent), ("threshold", threshold)) if v is not None}
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of count=, percent= or threshold=; got {sorted(given) or 'none'}")
+    check_one_selection(count, percent, threshold)
     template = empty_edge_circuit(scores, per_position=per_position)
     flat = template.flat_scores()
     key = flat.abs() if absolute else flat
     n_total = template.n_total
-    if threshold is not None:
-        threshold = float(threshold)
-        if math.isnan(threshold):
-            raise ValueError("threshold must be a number; got NaN")
+    n, selection = selection_size(count, percent, threshold, n_total, "edges")
+    if n is None:
         if greedy:
             raise ValueError("greedy selection takes count= or percent=, not threshold=")
-        mask = key >= threshold
-        selection = {"threshold": threshold}
+        mask = key >= selection["threshold"]
     else:
-        if count is not None:
-            if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
-                raise TypeError(f"count must be an integer; got {count!r}")
-            if not 0 <= count <= n_total:
-                raise ValueError(f"count must be in [0, {n_total}] (the number of edges); got {count}")
-            n = int(count)
-            selection = {"count": n}
-        else:
-            n = count_for_percent(percent, n_total)
-            selection = {"percent": float(percent)}
         if greedy:
             if template.per_position:
                 raise ValueError("greedy selection works on edges summed over positions; pass per_position=False")
