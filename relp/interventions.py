@@ -414,11 +414,13 @@ def free_memory(device: torch.device | str) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def rows_per_pass(model, n_positions: int, logits_positions: int | None = None) -> int:
+def rows_per_pass(model, n_positions: int, logits_positions: int | None = None, *, extra_row_bytes: int = 0) -> int:
     """Rows (stacked copies x prompts) a pass may hold: :data:`MEMORY_FRACTION` of the free memory on
-    the model's device divided by :func:`row_bytes`, at most :data:`MAX_ROWS`, at least 1."""
+    the model's device divided by :func:`row_bytes` (plus `extra_row_bytes`, what a caller keeps per row
+    besides the forward pass), at most :data:`MAX_ROWS`, at least 1."""
     budget = MEMORY_FRACTION * free_memory(model.cfg.device)
-    return int(max(1, min(MAX_ROWS, budget // row_bytes(model, n_positions, logits_positions))))
+    per_row = row_bytes(model, n_positions, logits_positions) + extra_row_bytes
+    return int(max(1, min(MAX_ROWS, budget // per_row)))
 
 
 #: Fixed cost of one pass per block it computes, in row-positions of compute (the cost of computing

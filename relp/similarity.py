@@ -91,7 +91,8 @@ from jaxtyping import Float, Int
 
 from relp.checks import check_eval_mode, check_gradients_possible
 from relp.embeddings import SentenceEmbedding
-from relp.rules import DEFAULT_PRESET, RuleSet, applied_rules, check_no_rule_context, check_rules_live, resolve_rules
+from relp.patching import _live_rules
+from relp.rules import DEFAULT_PRESET, RuleSet, applied_rules, check_no_rule_context
 from relp.tokens import to_tokens
 
 __all__ = [
@@ -334,12 +335,6 @@ def _checked_embedding(embedding, readout_name: str) -> torch.Tensor:
             "embedding model with a readout such as relp.SentenceEmbedding?"
         )
     return embedding
-
-
-def _live_rules(model, rules) -> RuleSet:
-    rule_set = resolve_rules(model, rules)
-    check_rules_live(model, rule_set)
-    return rule_set
 
 
 def _start(model, what: str) -> None:

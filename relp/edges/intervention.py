@@ -30,7 +30,7 @@ from relp.checks import warn_if_expensive
 from relp.edges.attribution import EdgeScores
 from relp.edges.graph import EdgeGraph
 from relp.integrated_gradients import INPUT_HOOK
-from relp.interventions import free_memory, model_output, row_bytes, MEMORY_FRACTION, MAX_ROWS
+from relp.interventions import cache_activations, model_output, rows_per_pass
 from relp.metrics import check_metric_value, metric_name
 from relp.patching import Metric, Tokens, _check_batch_size, _prepare
 
@@ -71,18 +71,9 @@ def _as_senders(name: str, x: torch.Tensor) -> torch.Tensor:
 
 def sender_values(model, graph: EdgeGraph, tokens: torch.Tensor) -> torch.Tensor:
     """[batch, pos, sender, d_model]: every sender's output (the heads' ``hook_result``) on `tokens`."""
-    cache: dict[str, torch.Tensor] = {}
-
-    def capture(name):
-        def hook(x, hook):
-            cache[name] = x.detach().clone()
-            return x
-
-        return hook
-
     names = _sender_names(graph)
-    with torch.no_grad(), split_inputs(model), model.hooks(fwd_hooks=[(n, capture(n)) for n in names]):
-        model(tokens)
+    with split_inputs(model):
+        cache = cache_activations(model, tokens, names)
     return torch.cat([_as_senders(n, cache[n]) for n in names], dim=2)
 
 
@@ -195,9 +186,8 @@ def edge_rows_per_pass(model, graph: EdgeGraph, n_positions: int, logits_positio
     """Rows (copies x prompts) one edge run may hold: the forward pass's own memory plus every sender's
     difference from its other value ([pos, senders, d] per row), within the share of free memory a pass takes."""
     itemsize = torch.empty((), dtype=model.cfg.dtype).element_size()
-    per_row = row_bytes(model, n_positions, logits_positions) + 3 * n_positions * graph.n_senders * model.cfg.d_model * itemsize
-    budget = MEMORY_FRACTION * free_memory(model.cfg.device)
-    return int(max(1, min(MAX_ROWS, budget // per_row)))
+    differences = 3 * n_positions * graph.n_senders * model.cfg.d_model * itemsize
+    return rows_per_pass(model, n_positions, logits_positions, extra_row_bytes=differences)
 
 
 def _edge_masks(graph: EdgeGraph, edges) -> torch.Tensor:

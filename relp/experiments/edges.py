@@ -44,7 +44,7 @@ from relp.edges.methods import DEFAULT_K
 from relp.experiments.common import versions
 from relp.faithfulness import PooledEvaluator
 from relp.methods import method_label
-from relp.metrics import LogitDiff
+from relp.metrics import LogitDiff, _correlation, _top_k_overlap
 from relp.mib import to_mib_json
 
 LEVELS = ("nodes", "edges")
@@ -99,17 +99,11 @@ def _score(model, jobs, methods, args) -> dict:
 
 
 def _agreement(estimate: np.ndarray, exact: np.ndarray, top_k: int) -> dict:
-    def correlation(fn):
-        if estimate.size < 2 or np.ptp(estimate) == 0 or np.ptp(exact) == 0:
-            return float("nan")
-        return float(fn(estimate, exact)[0])
-
-    k = min(top_k, estimate.size)
-    top_estimate = set(np.argsort(-np.abs(estimate), kind="stable")[:k].tolist())
-    top_exact = set(np.argsort(-np.abs(exact), kind="stable")[:k].tolist())
+    """Pearson, Spearman and top-k overlap, by relp.agreement's own rules (NaN for a constant side, or
+    when k covers every edge)."""
     return {
-        "pearson": correlation(stats.pearsonr), "spearman": correlation(stats.spearmanr),
-        f"top{k}_overlap": len(top_estimate & top_exact) / k if k else float("nan"), "n_edges": int(estimate.size),
+        "pearson": _correlation(stats.pearsonr, estimate, exact), "spearman": _correlation(stats.spearmanr, estimate, exact),
+        f"top{top_k}_overlap": _top_k_overlap(estimate, exact, top_k), "n_edges": int(estimate.size),
     }
 
 
