@@ -42,7 +42,6 @@ from relp.edges import (
 )
 from relp.edges.methods import DEFAULT_K
 from relp.experiments.common import versions
-from relp.faithfulness import PooledEvaluator
 from relp.methods import method_label
 from relp.metrics import LogitDiff, _correlation, _top_k_overlap
 from relp.mib import to_mib_json
@@ -237,19 +236,11 @@ def run_faithfulness(args, model, scoring_batches, eval_batches, prompt_note: st
             scores[method] = pool_edge_scores(per_batch)
         else:
             scores.update(_score(model, jobs, [method], args))
-    evaluators = [
-        EdgeCircuitEvaluator(
-            model, batch.clean_tokens, batch.corrupted_tokens, LogitDiff(batch.answer_tokens, batch.wrong_tokens),
-            ablation=args.ablation, batch_size=args.batch_size, logits_to_keep=1, progress=True,
-        )
-        for batch in eval_batches
-    ]
-    evaluator = evaluators[0] if len(evaluators) == 1 else PooledEvaluator(evaluators)
+    from relp.experiments.faithfulness import full_and_empty, make_evaluator, results_markdown
+
+    evaluator, evaluators = make_evaluator(model, eval_batches, args, EdgeCircuitEvaluator)
     template = empty_edge_circuit(next(iter(scores.values())))
-    t0 = time.perf_counter()
-    m_empty, m_full = evaluator.values([template.empty(), template.full()]).tolist()
-    shared_seconds = time.perf_counter() - t0
-    print(f"  m(M) = {m_full:.4f}, m(empty) = {m_empty:.4f} over {template.n_total} edges ({shared_seconds:.1f} s)")
+    m_empty, m_full, shared_seconds = full_and_empty(evaluator, template, "edges")
     table, summaries = {}, {}
     for method, pooled in scores.items():
         summary = edge_cpr_cmd(evaluator, pooled, label=method_label(method))
@@ -278,8 +269,6 @@ def run_faithfulness(args, model, scoring_batches, eval_batches, prompt_note: st
         },
         "evaluation_forward_passes": sum(e.forward_passes for e in evaluators), "versions": versions(),
     }
-    from relp.experiments.faithfulness import results_markdown
-
     (out / "faithfulness.json").write_text(json.dumps(table, indent=2))
     (out / "run.json").write_text(json.dumps(run_info, indent=2))
     markdown = results_markdown(table, run_info)

@@ -135,19 +135,9 @@ def run(args: argparse.Namespace, model=None) -> dict:
         print(f"  {method_label(method)} scores: {seconds:.1f} s")
 
     # --- evaluation: one evaluator per layout batch, caches shared by every method and seed ---
-    evaluators = [
-        CircuitEvaluator(
-            model, batch.clean_tokens, batch.corrupted_tokens, LogitDiff(batch.answer_tokens, batch.wrong_tokens),
-            ablation=args.ablation, batch_size=args.batch_size, logits_to_keep=1, progress=True,
-        )
-        for batch in eval_batches
-    ]
-    evaluator = evaluators[0] if len(evaluators) == 1 else PooledEvaluator(evaluators)
+    evaluator, evaluators = make_evaluator(model, eval_batches, args)
     template = empty_circuit(results[args.methods[0]], args.components, per_position=per_position)
-    t0 = time.perf_counter()
-    m_empty, m_full = evaluator.values([template.empty(), template.full()]).tolist()
-    shared_seconds = time.perf_counter() - t0
-    print(f"  m(M) = {m_full:.4f}, m(empty) = {m_empty:.4f} over {template.n_total} nodes ({shared_seconds:.1f} s)")
+    m_empty, m_full, shared_seconds = full_and_empty(evaluator, template, "nodes")
 
     table: dict[str, dict] = {}
     summaries = {}
@@ -212,6 +202,29 @@ def run(args: argparse.Namespace, model=None) -> dict:
     print(markdown)
     print(f"wrote {out}/ in {total_seconds:.0f} s")
     return {"table": table, "run": run_info}
+
+
+def make_evaluator(model, eval_batches, args, evaluator_class=CircuitEvaluator):
+    """(evaluator, per-batch evaluators): one `evaluator_class` per layout batch of held-out prompts (the
+    logit difference, ``args.ablation``), pooled when there are several; caches are shared by every method
+    and seed."""
+    evaluators = [
+        evaluator_class(
+            model, batch.clean_tokens, batch.corrupted_tokens, LogitDiff(batch.answer_tokens, batch.wrong_tokens),
+            ablation=args.ablation, batch_size=args.batch_size, logits_to_keep=1, progress=True,
+        )
+        for batch in eval_batches
+    ]
+    return (evaluators[0] if len(evaluators) == 1 else PooledEvaluator(evaluators)), evaluators
+
+
+def full_and_empty(evaluator, template, unit: str) -> tuple[float, float, float]:
+    """(m(empty), m(M), seconds) of `template`'s space, printed."""
+    start = time.perf_counter()
+    m_empty, m_full = evaluator.values([template.empty(), template.full()]).tolist()
+    seconds = time.perf_counter() - start
+    print(f"  m(M) = {m_full:.4f}, m(empty) = {m_empty:.4f} over {template.n_total} {unit} ({seconds:.1f} s)")
+    return m_empty, m_full, seconds
 
 
 def results_markdown(table: dict, run_info: dict) -> str:
