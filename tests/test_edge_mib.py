@@ -12,6 +12,8 @@ import json
 import pytest
 import torch
 
+from _prompt_pairs import changed_at_2_and_4
+
 from relp.circuits import Circuit
 from relp.edges import EdgeCircuit, EdgeGraph, edge_attribution
 from relp.mib import from_mib_json, to_mib_json
@@ -93,12 +95,8 @@ def test_gqa_writes_key_value_edges_per_query_head():
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_round_trip_is_exact(arch, tmp_path):
     model = tiny_model(arch)
-    torch.manual_seed(0)
-    clean = torch.randint(6, 50, (2, 5))
-    corrupted = clean.clone()
-    corrupted[:, 2] = 7
-    scores = edge_attribution(model, clean, corrupted, lambda logits: logits[:, -1, 10].mean() - logits[:, -1, 11].mean(),
-                              method="relp")
+    clean, corrupted, metric = changed_at_2_and_4(model, n_prompts=2)
+    scores = edge_attribution(model, clean, corrupted, metric, method="relp")
     circuit = random_circuit(scores.graph, seed=1, scores=scores.scores.detach().double())
     path = tmp_path / "edges.json"
     payload = to_mib_json(circuit, path, model=model)

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _prompt_pairs import changed_at_2_and_4  # noqa: E402
 from matplotlib.patches import PathPatch  # noqa: E402
 
 from relp.edges import EdgeCircuit, EdgeGraph, edge_attribution, select_edges  # noqa: E402
@@ -123,12 +124,8 @@ def test_per_position_circuit_sums_scores_where_the_edge_is_in():
 
 def test_tiny_llama_circuit(tmp_path):
     model = tiny_model("llama")
-    torch.manual_seed(0)
-    clean = torch.randint(6, 50, (2, 6))
-    corrupted = clean.clone()
-    corrupted[:, 3] = 7
-    scores = edge_attribution(model, clean, corrupted, lambda logits: logits[:, -1, 10].mean() - logits[:, -1, 11].mean(),
-                              method="relp")
+    clean, corrupted, metric = changed_at_2_and_4(model, n_prompts=2)
+    scores = edge_attribution(model, clean, corrupted, metric, method="relp")
     circuit = select_edges(scores, count=15, absolute=True)
     fig = plot_circuit_graph(circuit, path=tmp_path / "graph.png")
     assert set(edge_patches(fig)) == set(circuit.edge_names())
